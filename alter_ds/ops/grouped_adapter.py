@@ -1,0 +1,225 @@
+"""The grouped adapter op: every token through its own experts, one call per layer.
+
+    y_n = sum_j w_nj * expert_{e_nj}(x_n),   expert_e(x) = act(x @ w_down[e] + b_down[e]) @ w_up[e] + b_up[e]
+
+Gated activations (``swiglu``, ``geglu``, ``geglu_tanh``) hold the gate in the first half of the
+down projection and the up projection in the second half (``w_down`` is ``[E, d, 2r]``), which is how a
+Llama-family or T5 v1.1 feed-forward becomes one expert.
+
+Three implementations share this signature: the vectorised PyTorch ``reference`` (the fallback, below),
+and the C++ / CUDA kernels from ``csrc/`` registered as ``alter_ds::grouped_adapter``. ``grouped_adapter_loop``
+is a deliberately naive per-expert loop kept as the test oracle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATION_ENV = "ALTER_DS_GROUPED_ADAPTER"
+IMPLEMENTATIONS = ("auto", "reference", "cpp", "cuda")
+
+_BASE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+    "identity": lambda t: t,
+}
+_GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
+ACTIVATIONS = tuple(_BASE_ACTIVATIONS) + tuple(_GATED_ACTIVATIONS)
+
+
+def is_gated(activation: str) -> bool:
+    """Whether ``activation`` multiplies a gate half with an up half (so ``w_down`` is twice as wide)."""
+    check_activation(activation)
+    return activation in _GATED_ACTIVATIONS
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def apply_activation(hidden: torch.Tensor, activation: str) -> torch.Tensor:
+    """Apply ``activation`` to the down projection's output (``[..., r']`` -> ``[..., r]``)."""
+    if activation in _GATED_ACTIVATIONS:
+        gate, up = hidden.chunk(2, dim=-1)
+        return _BASE_ACTIVATIONS[_GATED_ACTIVATIONS[activation]](gate) * up
+    return _BASE_ACTIVATIONS[activation](hidden)
+
+
+def check_grouped_adapter_args(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+) -> None:
+    """Reject wrong shapes and ids out of range with a message naming the argument, never a crash."""
+    check_activation(activation)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, d], got shape {tuple(x.shape)}")
+    n_tokens, width = x.shape
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != n_tokens:
+        raise ValueError(f"expert_ids must be [N={n_tokens}, k], got shape {tuple(expert_ids.shape)}")
+    if expert_ids.dtype != torch.int64:
+        raise ValueError(f"expert_ids must be int64, got {expert_ids.dtype}")
+    if expert_weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"expert_weights must have the shape of expert_ids {tuple(expert_ids.shape)}, "
+            f"got {tuple(expert_weights.shape)}"
+        )
+    if w_down.dim() != 3 or w_down.shape[1] != width:
+        raise ValueError(f"w_down must be [E, d={width}, r'], got shape {tuple(w_down.shape)}")
+    num_experts, _, down_width = w_down.shape
+    rank = down_width // 2 if activation in _GATED_ACTIVATIONS else down_width
+    if activation in _GATED_ACTIVATIONS and down_width % 2:
+        raise ValueError(f"gated activation {activation!r} needs an even w_down width, got {down_width}")
+    if tuple(w_up.shape) != (num_experts, rank, width):
+        raise ValueError(f"w_up must be [E={num_experts}, r={rank}, d={width}], got shape {tuple(w_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (num_experts, down_width):
+        raise ValueError(f"b_down must be [E={num_experts}, {down_width}], got shape {tuple(b_down.shape)}")
+    if b_up is not None and tuple(b_up.shape) != (num_experts, width):
+        raise ValueError(f"b_up must be [E={num_experts}, d={width}], got shape {tuple(b_up.shape)}")
+    if expert_ids.numel() and not expert_ids.is_cuda:
+        low, high = int(expert_ids.min()), int(expert_ids.max())
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"expert_ids must lie in [0, {num_experts}), got values in [{low}, {high}]")
+    elif expert_ids.numel():
+        torch._assert_async(((expert_ids >= 0) & (expert_ids < num_experts)).all())
+
+
+def _segment_matmul(
+    rows: torch.Tensor, group: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """rows[i] @ weight[group[i]] for rows sorted by group, as one batched matmul.
+
+    Rows are scattered into a [E, C, in] buffer (C = the largest group), multiplied with one ``bmm`` and
+    gathered back. Padding costs memory and flops proportional to the skew; the C++/CUDA kernels avoid it.
+    """
+    num_experts = weight.shape[0]
+    capacity = int(counts.max()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(rows.shape[0], device=rows.device) - starts[group]
+    padded = rows.new_zeros(num_experts, capacity, rows.shape[1])
+    padded = padded.index_put((group, position), rows)
+    return torch.bmm(padded, weight)[group, position]
+
+
+def grouped_adapter_reference(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """Vectorised PyTorch implementation: sort token-expert pairs by expert, two batched matmuls.
+
+    No Python loop over experts; autograd gives dense gradients for the stacked weights (zeros for experts
+    without tokens), which ZeRO-2's position-based gradient buckets need.
+    """
+    n_tokens, k = expert_ids.shape
+    num_experts = w_down.shape[0]
+    flat_ids = expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_index = torch.div(order, k, rounding_mode="floor")
+    group = flat_ids[order]
+    counts = torch.bincount(group, minlength=num_experts)
+    rows = x[token_index]
+    hidden = _segment_matmul(rows, group, counts, w_down)
+    if b_down is not None:
+        hidden = hidden + b_down[group]
+    hidden = apply_activation(hidden, activation)
+    out = _segment_matmul(hidden, group, counts, w_up)
+    if b_up is not None:
+        out = out + b_up[group]
+    out = out * expert_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    return x.new_zeros(n_tokens, x.shape[1]).index_add(0, token_index, out)
+
+
+def grouped_adapter_loop(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """The test oracle: a plain loop over experts and mixture slots, written for obviousness."""
+    y = torch.zeros_like(x)
+    for expert in range(w_down.shape[0]):
+        for slot in range(expert_ids.shape[1]):
+            mask = expert_ids[:, slot] == expert
+            if not bool(mask.any()):
+                continue
+            hidden = x[mask] @ w_down[expert]
+            if b_down is not None:
+                hidden = hidden + b_down[expert]
+            out = apply_activation(hidden, activation) @ w_up[expert]
+            if b_up is not None:
+                out = out + b_up[expert]
+            y = y.index_put((mask.nonzero().squeeze(1),), out * expert_weights[mask, slot, None], accumulate=True)
+    return y
+
+
+def selected_implementation() -> str:
+    """The implementation asked for by ``ALTER_DS_GROUPED_ADAPTER`` (default ``auto``)."""
+    choice = os.environ.get(IMPLEMENTATION_ENV, "auto").strip().lower() or "auto"
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"{IMPLEMENTATION_ENV}={choice!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    return choice
+
+
+def _native_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """The registered C++/CUDA op when it is built and loaded for this device, else None."""
+    namespace = getattr(torch.ops, "alter_ds", None)
+    op = getattr(namespace, "grouped_adapter", None) if namespace is not None else None
+    return op if op is not None and device.type in ("cpu", "cuda") else None
+
+
+def grouped_adapter(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """Apply each token's experts with its mixture weights: ``x[N,d] -> y[N,d]`` (see the module docstring).
+
+    Dispatches to the fastest loaded implementation; ``ALTER_DS_GROUPED_ADAPTER=reference|cpp|cuda`` forces one.
+    """
+    check_grouped_adapter_args(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
+    choice = selected_implementation()
+    if choice in ("auto", "cpp", "cuda"):
+        kernel = _native_kernel(x.device)
+        if kernel is not None:
+            return kernel(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
+        if choice != "auto":
+            raise RuntimeError(
+                f"{IMPLEMENTATION_ENV}={choice} but the compiled op is not loaded for {x.device.type}; "
+                f"unset it to use the PyTorch reference"
+            )
+    return grouped_adapter_reference(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
+
+
+def init_down_projection(weight: torch.Tensor) -> None:
+    """Kaiming-uniform init of a stacked ``[E, in, out]`` projection, each expert like ``nn.Linear``."""
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)
