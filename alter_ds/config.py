@@ -1,0 +1,415 @@
+"""Experiment configuration: dataclasses loaded from YAML and validated once, with errors naming the key.
+
+Every section is a dataclass whose defaults are the single source of truth. ``load_config`` reads a YAML
+file, builds the dataclasses field by field from their type hints (so an unknown key, a wrong type or a
+value out of range is reported as ``file:line: stages[1].router.kind: ...``) and runs the cross-field
+checks (task names used in routes, stage references) before anything else starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from alter_ds.ops.grouped_adapter import ACTIVATIONS
+
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported once with the key path and, when known, the file and line."""
+
+    def __init__(self, message: str, key: KeyPath = (), source: str | None = None, line: int | None = None):
+        self.key = key
+        self.source = source
+        self.line = line
+        self.detail = message
+        where = ""
+        if source is not None:
+            where = f"{source}:{line}: " if line is not None else f"{source}: "
+        name = format_key(key)
+        super().__init__(f"{where}{name + ': ' if name else ''}{message}")
+
+
+class FieldError(ValueError):
+    """Raised by ``validate`` methods; the loader turns it into a ConfigError with the full key path."""
+
+    def __init__(self, key: str | KeyPath, message: str):
+        self.key: KeyPath = (key,) if isinstance(key, str) else tuple(key)
+        super().__init__(message)
+
+
+def format_key(key: KeyPath) -> str:
+    text = ""
+    for part in key:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def require(condition: bool, key: str | KeyPath, message: str) -> None:
+    if not condition:
+        raise FieldError(key, message)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+RouterKind = Literal["hard", "task_weights", "gate", "token", "uniform", "fixed", "random"]
+RouterMode = Literal["softmax", "gumbel", "st_gumbel"]
+ExpertInit = Literal["zeros", "pretrained", "expert", "random"]
+PARAMETER_GROUPS = ("backbone", "task_experts", "shared_experts", "router")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: any Hugging Face model id or local path (loaded with the real ``from_pretrained``)."""
+
+    name_or_path: str
+    kind: Literal["auto", "causal", "seq2seq"] = "auto"
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+
+    def validate(self) -> None:
+        require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
+
+
+@dataclass
+class TaskConfig:
+    """A task as the model sees it: its name (the id is its position in the list) and its category."""
+
+    name: str
+    category: str = "default"
+
+    def validate(self) -> None:
+        require(bool(self.name.strip()), "name", "must not be empty")
+
+
+@dataclass
+class MTAConfig:
+    """Where the Mixture-of-Task-Adapters goes and what its expert banks hold."""
+
+    expert_kind: Literal["bottleneck", "ffn"] = "bottleneck"
+    #: after_ffn / after_attention: a residual bottleneck on that sub-layer's output; replace_ffn: experts
+    #: take the place of the feed-forward sub-layer (required by, and the default for, ``ffn`` experts).
+    position: Literal["after_ffn", "after_attention", "replace_ffn"] | None = None
+    #: "all", "middle" (one layer, index L // 2) or explicit layer indices; per stack below when given.
+    layers: str | list[int] = "all"
+    encoder_layers: str | list[int] | None = None
+    decoder_layers: str | list[int] | None = None
+    bottleneck_dim: int = 16
+    activation: str = "relu"
+    #: Task experts in each bank; None means one per task.
+    num_task_experts: int | None = None
+    #: The prior map: which task experts each task is assigned (default: task i -> expert i).
+    task_experts: dict[str, list[int]] = field(default_factory=dict)
+    num_shared_experts: int = 0
+    shared_init: ExpertInit = "zeros"
+    dropout: float = 0.0
+    scaling: float = 1.0
+
+    def resolved_position(self) -> str:
+        if self.position is not None:
+            return self.position
+        return "replace_ffn" if self.expert_kind == "ffn" else "after_ffn"
+
+    def validate(self) -> None:
+        for key in ("layers", "encoder_layers", "decoder_layers"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                require(value in ("all", "middle", "none"), key, f"must be all, middle, none or a list, got {value!r}")
+            elif isinstance(value, list):
+                require(all(i >= 0 for i in value), key, "layer indices must be >= 0")
+        require(self.bottleneck_dim >= 1, "bottleneck_dim", f"must be >= 1, got {self.bottleneck_dim}")
+        require(
+            self.activation in ACTIVATIONS, "activation", f"unknown {self.activation!r}; one of {list(ACTIVATIONS)}"
+        )
+        require(self.num_task_experts is None or self.num_task_experts >= 1, "num_task_experts", "must be >= 1")
+        require(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(math.isfinite(self.scaling), "scaling", "must be finite")
+        if self.expert_kind == "ffn":
+            require(
+                self.resolved_position() == "replace_ffn", "position", "ffn experts replace the FFN: use replace_ffn"
+            )
+        else:
+            require(self.resolved_position() != "replace_ffn", "position", "replace_ffn needs expert_kind: ffn")
+        if self.num_task_experts is not None:
+            for task, experts in self.task_experts.items():
+                for expert in experts:
+                    require(
+                        0 <= expert < self.num_task_experts,
+                        ("task_experts", task),
+                        f"expert {expert} out of range [0, {self.num_task_experts})",
+                    )
+        for task, experts in self.task_experts.items():
+            require(len(experts) > 0, ("task_experts", task), "assign at least one expert")
+
+
+@dataclass
+class RouterConfig:
+    """How a block mixes its experts. One dataclass for every kind; each kind reads the fields it needs."""
+
+    kind: RouterKind = "hard"
+    mode: RouterMode = "softmax"
+    #: tau_t = max(temperature * exp(-temperature_decay * step), min_temperature)
+    temperature: float = 1.0
+    temperature_decay: float = 0.0
+    min_temperature: float = 0.0
+    top_k: int | None = None
+    #: task_weights/gate init: logit of a task's assigned experts vs the others (official ALTER: 0.22 / 0.20).
+    prior_assigned: float = 0.22
+    prior_other: float = 0.20
+    gate_hidden: int = 64
+    #: token router: concatenate a learned task embedding of this size to each token's state (0: none).
+    task_embedding_dim: int = 0
+    #: fixed router: task name -> experts (uniform weights over them).
+    routes: dict[str, list[int]] = field(default_factory=dict)
+    #: random router: experts per task drawn once from this seed.
+    random_k: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        require(self.temperature_decay >= 0, "temperature_decay", "must be >= 0")
+        require(0 <= self.min_temperature <= self.temperature, "min_temperature", "must be in [0, temperature]")
+        require(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
+        require(self.gate_hidden >= 1, "gate_hidden", "must be >= 1")
+        require(self.task_embedding_dim >= 0, "task_embedding_dim", "must be >= 0")
+        require(self.random_k >= 1, "random_k", "must be >= 1")
+        if self.kind == "fixed":
+            require(bool(self.routes), "routes", "a fixed router needs routes: {task: [experts]}")
+        for task, experts in self.routes.items():
+            require(len(experts) > 0 and all(e >= 0 for e in experts), ("routes", task), "list expert ids >= 0")
+
+
+@dataclass
+class AddExpertsConfig:
+    """Experts a stage adds before it trains (stage 2's shared experts, or a new task's expert)."""
+
+    shared: int = 0
+    init: ExpertInit = "zeros"
+    #: with init: expert, copy this expert (index in the bank).
+    source_expert: int | None = None
+
+    def validate(self) -> None:
+        require(self.shared >= 0, "shared", "must be >= 0")
+        require(self.init != "expert" or self.source_expert is not None, "source_expert", "init: expert needs it")
+
+
+@dataclass
+class StageConfig:
+    """One training stage as data: its router, what trains, what it adds and where it starts."""
+
+    name: str
+    router: RouterConfig = field(default_factory=RouterConfig)
+    #: parameter groups (backbone, task_experts, shared_experts, router) or fnmatch patterns on names.
+    train: list[str] = field(default_factory=lambda: ["task_experts", "shared_experts", "router"])
+    add_experts: AddExpertsConfig = field(default_factory=AddExpertsConfig)
+    lr: float = 1e-3
+    steps: int = 100
+    #: where the stage starts: null (the backbone) or the name of an earlier stage (its exported model).
+    init_from: str | None = None
+
+    def validate(self) -> None:
+        require(bool(self.name.strip()), "name", "must not be empty")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.steps >= 0, "steps", "must be >= 0")
+        require(bool(self.train), "train", "name at least one parameter group or pattern")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: backbone, tasks, MTA placement and the stages to run."""
+
+    model: ModelConfig
+    tasks: list[TaskConfig]
+    run_name: str = "alter-ds"
+    mta: MTAConfig = field(default_factory=MTAConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(bool(self.tasks), "tasks", "list at least one task")
+        names = [task.name for task in self.tasks]
+        for index, name in enumerate(names):
+            require(name not in names[:index], ("tasks", index, "name"), f"duplicate task name {name!r}")
+        for task in self.mta.task_experts:
+            require(task in names, ("mta", "task_experts", task), f"unknown task {task!r}; tasks are {names}")
+        stage_names: list[str] = []
+        for index, stage in enumerate(self.stages):
+            require(stage.name not in stage_names, ("stages", index, "name"), f"duplicate stage name {stage.name!r}")
+            if stage.init_from is not None:
+                require(
+                    stage.init_from in stage_names,
+                    ("stages", index, "init_from"),
+                    f"unknown or later stage {stage.init_from!r}; earlier stages are {stage_names}",
+                )
+            for task in stage.router.routes:
+                require(task in names, ("stages", index, "router", "routes", task), f"unknown task {task!r}")
+            stage_names.append(stage.name)
+
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+
+# ----------------------------------------------------------------------------------------- the loader
+
+T = TypeVar("T")
+
+
+class _Lines:
+    """Maps key paths of a YAML document to line numbers (1-based)."""
+
+    def __init__(self, source: str | None, lines: dict[KeyPath, int]):
+        self.source = source
+        self.lines = lines
+
+    def line(self, key: KeyPath) -> int | None:
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return self.lines.get(())
+
+    def error(self, key: KeyPath, message: str) -> ConfigError:
+        return ConfigError(message, key, self.source, self.line(key) if self.source else None)
+
+
+def _yaml_lines(node: yaml.Node, key: KeyPath, out: dict[KeyPath, int]) -> None:
+    out.setdefault(key, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*key, str(key_node.value))
+            out[child] = key_node.start_mark.line + 1
+            _yaml_lines(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _yaml_lines(item, (*key, index), out)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in get_args(hint))
+    if get_origin(hint) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(hint))
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+def _convert(hint: Any, value: Any, key: KeyPath, lines: _Lines) -> Any:
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise lines.error(key, f"unknown value {value!r}; choose one of {', '.join(map(repr, get_args(hint)))}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise lines.error(key, f"must not be null (expected {_type_name(hint)})")
+        errors: list[ConfigError] = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key, lines)
+            except ConfigError as error:
+                errors.append(error)
+        if len(errors) == 1:
+            raise errors[0]
+        raise lines.error(key, f"expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, key, lines)
+    if origin is list:
+        if not isinstance(value, list):
+            raise lines.error(key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_hint,) = get_args(hint)
+        return [_convert(item_hint, item, (*key, i), lines) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise lines.error(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        key_hint, value_hint = get_args(hint)
+        return {
+            _convert(key_hint, k, (*key, str(k)), lines): _convert(value_hint, v, (*key, str(k)), lines)
+            for k, v in value.items()
+        }
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise lines.error(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise lines.error(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise lines.error(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config field type {hint!r} is not supported by the loader")
+
+
+def _build(cls: type[T], data: Any, key: KeyPath, lines: _Lines) -> T:
+    if not isinstance(data, Mapping):
+        raise lines.error(key, f"expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
+    for name in data:
+        if name not in fields:
+            raise lines.error((*key, str(name)), f"unknown key; {cls.__name__} takes {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, spec in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], (*key, name), lines)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise lines.error((*key, name), "missing required key")
+    instance = cls(**kwargs)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except FieldError as error:
+            raise lines.error((*key, *error.key), str(error)) from None
+    return instance
+
+
+def config_from_dict(cls: type[T], data: Any, source: str | None = None) -> T:
+    """Build and validate a config dataclass from plain data (e.g. parsed YAML or JSON)."""
+    return _build(cls, data, (), _Lines(source, {}))
+
+
+def load_config(path: str | Path, cls: type[T] = ExperimentConfig) -> T:  # type: ignore[assignment]
+    """Read a YAML file into ``cls``; every problem is one ConfigError naming the file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(f"invalid YAML: {getattr(error, 'problem', error)}", (), str(path), line) from None
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _yaml_lines(node, (), lines)
+    return _build(cls, data if data is not None else {}, (), _Lines(str(path), lines))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain data for YAML/JSON, the inverse of ``config_from_dict``."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
