@@ -1,0 +1,61 @@
+"""The ``alter-ds`` command: check a config and show what each of its stages trains.
+
+Data preparation, training and evaluation subcommands join as those parts land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from alter_ds.config import ConfigError, ExperimentConfig, load_config
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config: ExperimentConfig = load_config(args.config)
+    print(f"{args.config}: ok — {len(config.tasks)} tasks, {len(config.stages)} stages")
+    for stage in config.stages:
+        added = f", adds {stage.add_experts.shared} shared expert(s)" if stage.add_experts.shared else ""
+        start = stage.init_from or "the backbone"
+        print(
+            f"  {stage.name}: router {stage.router.kind}, trains {', '.join(stage.train)}{added}; starts from {start}"
+        )
+    return 0
+
+
+def _parameters(args: argparse.Namespace) -> int:
+    """Load the backbone, inject MTA and print the trainable-parameter counts of every stage in turn."""
+    from alter_ds.mta.model import build_model
+
+    config: ExperimentConfig = load_config(args.config)
+    if args.model:
+        config.model.name_or_path = args.model
+    model = build_model(config)
+    for stage in config.stages:
+        model.apply_stage(stage)
+        print(f"stage {stage.name} (router {stage.router.kind})")
+        print(model.format_parameter_counts())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alter-ds", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check-config", help="validate an experiment config and summarise its stages")
+    check.add_argument("config")
+    check.set_defaults(run=_check_config)
+    params = commands.add_parser("params", help="trainable-parameter counts per group for each stage")
+    params.add_argument("config")
+    params.add_argument("--model", help="override model.name_or_path (a local directory or model id)")
+    params.set_defaults(run=_parameters)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"alter-ds: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The MTA block: router + expert bank(s), reading the routing context of the current forward.
+
+A stock transformers layer calls the block like the sub-layer it wraps (``hidden -> hidden``); the task ids,
+prompt mask and pooled prompt features it needs arrive through a ``RoutingContext`` shared by every block of
+a model and set by ``MTAModel.forward`` / ``generate``. That is how ``task_ids`` reach every layer without
+changing the backbone's code or its ``forward`` signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from alter_ds.config import RouterConfig
+from alter_ds.mta.experts import ExpertBank, stacked_weights
+from alter_ds.mta.routers import ExpertLayout, Router, build_router
+from alter_ds.ops.grouped_adapter import grouped_adapter
+
+
+@dataclass
+class RoutingContext:
+    """What the blocks of one model read during a forward: set per call, never stored in weights."""
+
+    task_ids: torch.Tensor | None = None  # [B]
+    prompt_mask: torch.Tensor | None = None  # [B, T], 1 on prompt tokens (decoder-only training)
+    attention_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # per stack, captured by hooks
+    encoder_features: torch.Tensor | None = None  # [B, d] pooled encoder output (seq2seq decoders' gates)
+    generating: bool = False
+    prompt_features: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, cached in generate
+    step: int = 0
+
+    def reset(self, task_ids: torch.Tensor | None, prompt_mask: torch.Tensor | None, generating: bool) -> None:
+        self.task_ids = task_ids
+        self.prompt_mask = prompt_mask
+        self.attention_masks = {}
+        self.encoder_features = None
+        self.generating = generating
+        self.prompt_features = {}
+
+    def rows(self, tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+        """Expand per-example data to ``batch`` rows: generate repeats each example for beams/samples."""
+        if tensor.shape[0] == batch:
+            return tensor
+        if tensor.shape[0] and batch % tensor.shape[0] == 0:
+            return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
+        raise ValueError(f"{what} has {tensor.shape[0]} rows but the layer sees a batch of {batch}")
+
+
+def pool_prompt(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden [B, T, d]`` over the tokens where ``mask [B, T]`` is set (all when None)."""
+    if mask is None:
+        return hidden.mean(dim=1)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class MTABlock(nn.Module):
+    """Mixture of task experts at one place of one layer: ``y = Σ_j w_j · expert_j(x)``.
+
+    ``residual=True`` (bottleneck experts) returns ``x + scaling · dropout(y)``; ``residual=False`` (FFN experts
+    replacing the feed-forward sub-layer) returns ``scaling · dropout(y)``.
+    """
+
+    context: RoutingContext
+    usage_sum: torch.Tensor
+    usage_count: torch.Tensor
+
+    def __init__(
+        self,
+        name: str,
+        stack: str,
+        task_experts: ExpertBank,
+        shared_experts: ExpertBank | None,
+        router_config: RouterConfig,
+        layout: ExpertLayout,
+        task_names: list[str],
+        context: RoutingContext,
+        residual: bool,
+        dropout: float,
+        scaling: float,
+        is_encoder_decoder: bool,
+    ):
+        super().__init__()
+        self.name = name
+        self.stack = stack
+        self.task_experts = task_experts
+        self.shared_experts = shared_experts
+        self.layout = layout
+        self.task_names = task_names
+        self.router: Router = build_router(router_config, layout, task_experts.width, task_names)
+        self.residual = residual
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = scaling
+        self.is_encoder_decoder = is_encoder_decoder
+        object.__setattr__(self, "context", context)  # shared plain object, not a submodule
+        self.register_buffer("usage_sum", torch.zeros(layout.num_tasks, layout.num_experts), persistent=False)
+        self.register_buffer("usage_count", torch.zeros(layout.num_tasks), persistent=False)
+        self.record_usage = True
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden.shape
+        expert_ids, expert_weights = self.route(hidden)
+        if expert_ids.dim() == 2:  # example-level: broadcast over the example's tokens
+            expert_ids = expert_ids[:, None, :].expand(batch, length, -1)
+            expert_weights = expert_weights[:, None, :].expand(batch, length, -1)
+        banks = [self.task_experts] + ([self.shared_experts] if self.shared_experts is not None else [])
+        w_down, b_down, w_up, b_up = stacked_weights(banks)
+        flat = hidden.reshape(-1, width)
+        out = grouped_adapter(
+            flat,
+            expert_ids.reshape(-1, expert_ids.shape[-1]),
+            expert_weights.reshape(-1, expert_weights.shape[-1]).to(flat.dtype),
+            w_down.to(flat.dtype),
+            b_down.to(flat.dtype) if b_down is not None else None,
+            w_up.to(flat.dtype),
+            b_up.to(flat.dtype) if b_up is not None else None,
+            self.task_experts.activation,
+        ).reshape(batch, length, width)
+        out = self.dropout(out)
+        if self.scaling != 1.0:
+            out = out * self.scaling
+        return hidden + out if self.residual else out
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context = self.context
+        if context.task_ids is None:
+            raise RuntimeError(
+                f"MTA block {self.name} ran without task ids: call the model with task_ids=... "
+                f"(the MTAModel wrapper, not the bare backbone)"
+            )
+        batch = hidden.shape[0]
+        task_ids = context.rows(context.task_ids, batch, "task_ids")
+        features = self.prompt_features(hidden) if self.router.needs_features else None
+        expert_ids, expert_weights = self.router(hidden, task_ids, features, context.step)
+        if self.record_usage:
+            self._record(task_ids, expert_ids, expert_weights)
+        return expert_ids, expert_weights
+
+    def prompt_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pooled prompt features, computed on the prompt and reused for every generated token."""
+        context = self.context
+        batch, length = hidden.shape[:2]
+        cached = context.prompt_features.get(self.name)
+        if cached is not None:
+            return context.rows(cached, batch, "cached prompt features")
+        if self.is_encoder_decoder and self.stack == "decoder":
+            if context.encoder_features is None:
+                raise RuntimeError(f"MTA block {self.name}: no encoder output to pool for the gate")
+            features = context.rows(context.encoder_features, batch, "encoder features")
+        else:
+            mask = None
+            candidates = [context.prompt_mask, context.attention_masks.get(self.stack)]
+            for candidate in candidates:
+                if candidate is not None and candidate.dim() == 2:
+                    candidate = context.rows(candidate, batch, "prompt mask")
+                    if candidate.shape[1] == length:
+                        mask = candidate
+                        break
+            features = pool_prompt(hidden, mask)
+        if context.generating:
+            context.prompt_features[self.name] = features
+        return features
+
+    @torch.no_grad()
+    def _record(self, task_ids: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> None:
+        dense = torch.zeros(*expert_ids.shape[:-1], self.layout.num_experts, device=expert_ids.device)
+        dense.scatter_add_(-1, expert_ids, expert_weights.detach().float())
+        if dense.dim() == 3:
+            dense = dense.mean(1)
+        self.usage_sum.index_add_(0, task_ids, dense.to(self.usage_sum.device))
+        self.usage_count.index_add_(0, task_ids, torch.ones_like(task_ids, dtype=self.usage_count.dtype))
+
+    def usage(self, reset: bool = True) -> torch.Tensor:
+        """Mean routing weight of each task over each expert since the last reset (``[tasks, experts]``)."""
+        mean = self.usage_sum / self.usage_count.clamp_min(1).unsqueeze(-1)
+        if reset:
+            self.usage_sum.zero_()
+            self.usage_count.zero_()
+        return mean.clone()
+
+    # -------------------------------------------------------------------------------- structure
+    def set_router(self, config: RouterConfig, layout: ExpertLayout | None = None) -> None:
+        """Switch the router (stage change, experts added), carrying over every parameter whose name matches.
+
+        Overlapping slices are copied, so task logits learned in a task_weights stage seed a gate stage and
+        keep their values when experts are added (new columns start at the prior).
+        """
+        old = self.router
+        self.layout = layout or self.layout
+        new = build_router(config, self.layout, self.task_experts.width, self.task_names)
+        old_state = old.state_dict()
+        with torch.no_grad():
+            for name, tensor in new.state_dict().items():
+                if name in old_state and old_state[name].dim() == tensor.dim():
+                    source = old_state[name]
+                    index = tuple(slice(0, min(a, b)) for a, b in zip(tensor.shape, source.shape))
+                    tensor[index].copy_(source[index])
+        reference = self.task_experts.w_down
+        self.router = new.to(device=reference.device)
+        self.usage_sum = torch.zeros(self.layout.num_tasks, self.layout.num_experts, device=reference.device)
+        self.usage_count = torch.zeros(self.layout.num_tasks, device=reference.device)
+
+    def router_config(self) -> RouterConfig:
+        return replace(self.router.config)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, residual={self.residual}, scaling={self.scaling}"

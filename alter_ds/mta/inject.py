@@ -1,0 +1,383 @@
+"""inject_mta: place MTA blocks into a stock transformers model without touching its source.
+
+Layers are found by the module patterns the common architectures share: a ``ModuleList`` of identical
+blocks (T5 ``encoder.block``, BART ``model.encoder.layers``, GPT-2 ``transformer.h``, Llama ``model.layers``),
+a feed-forward sub-layer inside each (``DenseReluDense``, ``mlp``, inline ``fc1``/``fc2``...) and a
+self-attention output projection. Placements:
+
+- ``after_ffn`` / ``after_attention``: the sub-layer's output projection is wrapped (PEFT style) so its
+  output ``o`` becomes ``o + MTA(o)``; the original module stays inside as ``base_layer``.
+- ``replace_ffn``: the feed-forward sub-layer is replaced by the MTA block whose experts are copies of it.
+
+Hooks on each stack capture its attention mask (and, for encoder-decoder models, the pooled encoder output)
+into the routing context, for gates that pool over prompt tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from alter_ds.config import MTAConfig, RouterConfig
+from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
+from alter_ds.mta.experts import ExpertBank, FeedForwardWeights
+from alter_ds.mta.routers import ExpertLayout
+from alter_ds.ops.grouped_adapter import apply_activation
+
+STACK_LIST_NAMES = ("block", "blocks", "layers", "layer", "h")
+FFN_MODULE_NAMES = ("DenseReluDense", "mlp", "feed_forward", "ffn", "mlp_block")
+GATED_FFN_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"))
+PLAIN_FFN_NAMES = (
+    ("wi", "wo"),
+    ("c_fc", "c_proj"),
+    ("fc1", "fc2"),
+    ("fc_in", "fc_out"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("up_proj", "down_proj"),
+)
+SELF_ATTENTION_NAMES = ("self_attn", "SelfAttention", "attn", "attention", "self_attention")
+ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "o", "c_proj", "dense", "out")
+ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation")
+
+
+class InjectionError(ValueError):
+    """The model's structure does not follow a pattern inject_mta knows; names what was not found."""
+
+
+@dataclass
+class Stack:
+    name: str  # "encoder" | "decoder"
+    path: str
+    module: nn.Module  # the module owning the layer list (hooks go here)
+    layers: nn.ModuleList
+
+
+class MTAWrapped(nn.Module):
+    """An output projection followed by an MTA block: ``o = base(x); return mta(o)`` (residual inside)."""
+
+    def __init__(self, base_layer: nn.Module, mta: MTABlock):
+        super().__init__()
+        self.base_layer = base_layer
+        self.mta = mta
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.mta(self.base_layer(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # stock code reads attributes of the module it expects (T5 reads ``wo.weight.dtype``)
+            return getattr(super().__getattr__("base_layer"), name)
+
+
+# ----------------------------------------------------------------------------------------- discovery
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """The layer lists of ``model``: outermost ModuleLists of identical blocks under the usual names."""
+    found: list[Stack] = []
+    owners = dict(model.named_modules())
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if path.rsplit(".", 1)[-1] not in STACK_LIST_NAMES:
+            continue
+        if len({type(layer) for layer in module}) != 1:
+            continue
+        if any(path.startswith(stack.path + ".") for stack in found):
+            continue
+        parts = path.split(".")
+        name = "encoder" if "encoder" in parts else "decoder"
+        owner = owners[".".join(parts[:-1])] if len(parts) > 1 else model
+        found.append(Stack(name, path, owner, module))
+    if not found:
+        raise InjectionError(
+            f"no transformer layer list found in {type(model).__name__}: expected an nn.ModuleList named one of "
+            f"{STACK_LIST_NAMES} (e.g. model.layers, transformer.h, encoder.block)"
+        )
+    names = [s.name for s in found]
+    if len(set(names)) != len(names):
+        raise InjectionError(f"ambiguous layer lists in {type(model).__name__}: {[s.path for s in found]}")
+    return found
+
+
+def _child(module: nn.Module, name: str) -> nn.Module | None:
+    child = module._modules.get(name)
+    return child if isinstance(child, nn.Module) else None
+
+
+def find_ffn(layer: nn.Module) -> tuple[nn.Module, str, str]:
+    """The module holding the feed-forward projections and the names of its input/output projections.
+
+    Returns ``(owner, in_name, out_name)``; for gated FFNs ``in_name`` is ``"gate_name,up_name"``.
+    """
+    candidates: list[nn.Module] = [layer]
+    for path, module in layer.named_modules():
+        if path and path.rsplit(".", 1)[-1] in FFN_MODULE_NAMES:
+            candidates.insert(0, module)
+    for owner in candidates:
+        for gate, up, down in GATED_FFN_NAMES:
+            if all(_child(owner, n) is not None for n in (gate, up, down)):
+                return owner, f"{gate},{up}", down
+        for inner, outer in PLAIN_FFN_NAMES:
+            if _child(owner, inner) is not None and _child(owner, outer) is not None:
+                return owner, inner, outer
+    raise InjectionError(
+        f"no feed-forward sub-layer found in {type(layer).__name__}: expected a child named one of "
+        f"{FFN_MODULE_NAMES} (or the layer itself) holding projections such as "
+        f"{[p for p in PLAIN_FFN_NAMES]} or gated {[g for g in GATED_FFN_NAMES]}"
+    )
+
+
+def find_attention_output(layer: nn.Module) -> tuple[nn.Module, str]:
+    """The self-attention module of ``layer`` and the name of its output projection (cross-attention excluded)."""
+    for path, module in layer.named_modules():
+        if path and path.rsplit(".", 1)[-1] in SELF_ATTENTION_NAMES:
+            for name in ATTENTION_OUTPUT_NAMES:
+                if _child(module, name) is not None:
+                    return module, name
+    raise InjectionError(
+        f"no self-attention output projection found in {type(layer).__name__}: expected a child named one of "
+        f"{SELF_ATTENTION_NAMES} with a projection named one of {ATTENTION_OUTPUT_NAMES}"
+    )
+
+
+def _in_out_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection's weight as ``[in, out]`` (nn.Linear stores ``[out, in]``; GPT-2's Conv1D ``[in, out]``)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise InjectionError(f"projection {type(module).__name__} has no weight tensor")
+    bias = getattr(module, "bias", None)
+    if isinstance(module, nn.Linear):
+        return weight.detach().t(), bias.detach() if bias is not None else None
+    if type(module).__name__ == "Conv1D":
+        return weight.detach(), bias.detach() if bias is not None else None
+    raise InjectionError(f"unsupported projection type {type(module).__name__} (expected nn.Linear or Conv1D)")
+
+
+def identify_activation(module: nn.Module | Callable[[torch.Tensor], torch.Tensor], gated: bool) -> str:
+    """Name the op activation that computes what ``module`` computes, by evaluating both on a probe grid."""
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    expected = module(probe)
+    for name in ("relu", "gelu", "gelu_tanh", "silu", "identity"):
+        if torch.allclose(apply_activation(probe, name), expected, atol=1e-6):
+            if not gated:
+                return name
+            return {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}.get(name, name)
+    raise InjectionError(f"activation {module!r} matches none of relu, gelu, gelu_tanh, silu, identity")
+
+
+def _activation_module(owner: nn.Module, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    for holder in (owner, layer):
+        for attr in ACTIVATION_ATTRS:
+            value = getattr(holder, attr, None)
+            if callable(value) and not isinstance(value, (nn.Linear, nn.ModuleList)):
+                return value  # type: ignore[no-any-return]
+    raise InjectionError(f"no activation found on {type(owner).__name__} (looked for {ACTIVATION_ATTRS})")
+
+
+def read_feed_forward(layer: nn.Module) -> tuple[nn.Module, str, str, FeedForwardWeights]:
+    """The pretrained FFN of ``layer`` in the op's layout, with where it lives."""
+    owner, in_name, out_name = find_ffn(layer)
+    activation_fn = _activation_module(owner, layer)
+    w_out, b_out = _in_out_weight(getattr(owner, out_name))
+    if "," in in_name:
+        gate_name, up_name = in_name.split(",")
+        w_gate, b_gate = _in_out_weight(getattr(owner, gate_name))
+        w_up, b_up = _in_out_weight(getattr(owner, up_name))
+        w_in = torch.cat([w_gate, w_up], dim=1)
+        b_in = torch.cat([b_gate, b_up]) if b_gate is not None and b_up is not None else None
+        activation = identify_activation(activation_fn, gated=True)
+    else:
+        w_in, b_in = _in_out_weight(getattr(owner, in_name))
+        activation = identify_activation(activation_fn, gated=False)
+    return owner, in_name, out_name, FeedForwardWeights(w_in, b_in, w_out, b_out, activation)
+
+
+# ----------------------------------------------------------------------------------------- injection
+def select_layers(spec: str | list[int], num_layers: int, stack: str) -> list[int]:
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "middle":
+        return [num_layers // 2]
+    if spec == "none":
+        return []
+    if isinstance(spec, str):
+        raise InjectionError(f"mta layers for the {stack}: unknown value {spec!r} (all, middle, none or a list)")
+    for index in spec:
+        if not 0 <= index < num_layers:
+            raise InjectionError(
+                f"mta layers for the {stack}: layer {index} out of range, the {stack} has {num_layers}"
+            )
+    return sorted(set(spec))
+
+
+@dataclass
+class InjectionResult:
+    blocks: dict[str, MTABlock]
+    stacks: list[Stack]
+    hooks: list[Any]
+
+
+def inject_mta(
+    model: nn.Module,
+    config: MTAConfig,
+    router: RouterConfig,
+    layout: ExpertLayout,
+    task_names: list[str],
+    context: RoutingContext,
+) -> InjectionResult:
+    """Insert MTA blocks into ``model`` in place; returns the blocks keyed by a stable name."""
+    is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    stacks = find_stacks(model)
+    position = config.resolved_position()
+    blocks: dict[str, MTABlock] = {}
+    parameter = next(model.parameters())
+    for stack in stacks:
+        override = config.encoder_layers if stack.name == "encoder" else config.decoder_layers
+        chosen = select_layers(override if override is not None else config.layers, len(stack.layers), stack.name)
+        for index in chosen:
+            layer = stack.layers[index]
+            name = f"{stack.name}.{index}"
+            if position == "replace_ffn":
+                owner, in_name, out_name, ffn = read_feed_forward(layer)
+                rank = ffn.w_out.shape[0]
+                banks = _make_banks(config, layout, ffn.w_in.shape[0], rank, ffn.activation, parameter, ffn)
+                block = _make_block(
+                    name, stack.name, banks, config, router, layout, task_names, context, False, is_encoder_decoder
+                )
+                _replace_ffn(layer, owner, in_name, out_name, block)
+            else:
+                if position == "after_ffn":
+                    owner, _, out_name = find_ffn(layer)
+                else:
+                    owner, out_name = find_attention_output(layer)
+                projection = getattr(owner, out_name)
+                width = _in_out_weight(projection)[0].shape[1]
+                banks = _make_banks(config, layout, width, config.bottleneck_dim, config.activation, parameter, None)
+                block = _make_block(
+                    name, stack.name, banks, config, router, layout, task_names, context, True, is_encoder_decoder
+                )
+                setattr(owner, out_name, MTAWrapped(projection, block))
+            blocks[name] = block
+    if not blocks:
+        raise InjectionError("the mta layer selection chose no layer in any stack")
+    hooks = _install_context_hooks(stacks, context, is_encoder_decoder)
+    return InjectionResult(blocks, stacks, hooks)
+
+
+def _make_banks(
+    config: MTAConfig,
+    layout: ExpertLayout,
+    width: int,
+    rank: int,
+    activation: str,
+    like: torch.Tensor,
+    ffn: FeedForwardWeights | None,
+) -> tuple[ExpertBank, ExpertBank | None]:
+    bias = ffn is None or ffn.b_in is not None, ffn is None or ffn.b_out is not None
+    task_bank = ExpertBank(
+        layout.num_task_experts, width, rank, activation, bias[0], bias[1], dtype=like.dtype, device=like.device
+    )
+    shared_bank = None
+    if layout.num_shared_experts:
+        shared_bank = ExpertBank(
+            layout.num_shared_experts, width, rank, activation, bias[0], bias[1], dtype=like.dtype, device=like.device
+        )
+    if ffn is not None:
+        task_bank.init_from_feed_forward(ffn)
+        if shared_bank is not None:
+            if config.shared_init == "zeros":
+                with torch.no_grad():
+                    for tensor in shared_bank.weights():
+                        if tensor is not None:
+                            tensor.zero_()
+            else:
+                shared_bank.init_from_feed_forward(ffn)
+        task_bank.remember_pretrained(ffn)
+    else:
+        task_bank.init_bottleneck()
+        if shared_bank is not None:
+            shared_bank.init_bottleneck()
+    return task_bank, shared_bank
+
+
+def _make_block(
+    name: str,
+    stack: str,
+    banks: tuple[ExpertBank, ExpertBank | None],
+    config: MTAConfig,
+    router: RouterConfig,
+    layout: ExpertLayout,
+    task_names: list[str],
+    context: RoutingContext,
+    residual: bool,
+    is_encoder_decoder: bool,
+) -> MTABlock:
+    return MTABlock(
+        name,
+        stack,
+        banks[0],
+        banks[1],
+        router,
+        layout,
+        task_names,
+        context,
+        residual=residual,
+        dropout=config.dropout,
+        scaling=config.scaling,
+        is_encoder_decoder=is_encoder_decoder,
+    )
+
+
+class _Identity(nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _replace_ffn(layer: nn.Module, owner: nn.Module, in_name: str, out_name: str, block: MTABlock) -> None:
+    """Put ``block`` where the FFN was. A separate FFN module is swapped whole; an inline one (BART's
+    ``fc1 -> activation_fn -> fc2`` in the layer's own forward) becomes ``mta -> identity -> identity``."""
+    if owner is not layer:
+        for parent in layer.modules():
+            for child_name, child in parent.named_children():
+                if child is owner:
+                    setattr(parent, child_name, block)
+                    return
+        raise InjectionError(f"could not locate the feed-forward module inside {type(layer).__name__}")
+    first = in_name.split(",")[0]
+    setattr(layer, first, block)
+    for extra in in_name.split(",")[1:]:
+        setattr(layer, extra, _Identity())
+    setattr(layer, out_name, _Identity())
+    for attr in ACTIVATION_ATTRS:
+        if isinstance(getattr(layer, attr, None), nn.Module):
+            setattr(layer, attr, _Identity())
+        elif callable(getattr(layer, attr, None)):
+            setattr(layer, attr, lambda hidden: hidden)
+
+
+def _install_context_hooks(stacks: list[Stack], context: RoutingContext, is_encoder_decoder: bool) -> list[Any]:
+    """Capture each stack's attention mask (and the pooled encoder output) into the routing context."""
+    handles = []
+    for stack in stacks:
+
+        def capture_mask(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _stack: str = stack.name
+        ) -> None:
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                context.attention_masks[_stack] = mask
+
+        handles.append(stack.module.register_forward_pre_hook(capture_mask, with_kwargs=True))
+        if is_encoder_decoder and stack.name == "encoder":
+
+            def capture_encoder(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+                context.encoder_features = pool_prompt(hidden, context.attention_masks.get("encoder"))
+
+            handles.append(stack.module.register_forward_hook(capture_encoder))
+    return handles

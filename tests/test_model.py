@@ -1,0 +1,181 @@
+"""MTAModel: task ids, stages as configuration, trainable groups, save/load and single-task export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TASKS, batch_inputs, make_model
+
+from alter_ds.config import AddExpertsConfig, RouterConfig, StageConfig
+from alter_ds.mta import MTAModel
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def loss_of(model, inputs, task_ids):
+    labels = inputs.get("decoder_input_ids", inputs["input_ids"])
+    return model(**inputs, labels=labels, task_ids=task_ids).loss
+
+
+def gradients_by_group(model):
+    found = {}
+    for group, _, parameter in model.named_parameter_groups():
+        has = parameter.grad is not None and bool(torch.count_nonzero(parameter.grad))
+        found[group] = found.get(group, False) or has
+    return found
+
+
+@pytest.mark.parametrize(
+    "train, expected",
+    [
+        (["task_experts", "shared_experts"], {"task_experts", "shared_experts"}),
+        (["router"], {"router"}),
+        (["backbone", "task_experts", "router"], {"backbone", "task_experts", "router"}),
+    ],
+)
+def test_only_the_groups_a_stage_trains_receive_gradients(arch, train, expected):
+    model = make_model(arch, "bottleneck", shared=1)
+    stage = StageConfig(name="s", router=RouterConfig(kind="task_weights"), train=train)
+    counts = model.apply_stage(stage)
+    model.train()
+    loss_of(model, batch_inputs(model), [0, 1, 2, 0]).backward()
+    got = {group for group, has in gradients_by_group(model).items() if has}
+    assert got == expected
+    assert {g for g, (trainable, _) in counts.items() if trainable} == expected
+    for group, _, parameter in model.named_parameter_groups():
+        if group not in expected:
+            assert parameter.grad is None and not parameter.requires_grad
+
+
+def test_name_patterns_and_unknown_entries():
+    model = make_model("llama")
+    counts = model.set_trainable(["*norm*"])
+    assert counts["backbone"][0] > 0 and counts["task_experts"][0] == 0
+    assert all("norm" in name for _, name, p in model.named_parameter_groups() if p.requires_grad)
+    with pytest.raises(ValueError, match="matches no parameter group"):
+        model.set_trainable(["no_such_*"])
+    table = model.format_parameter_counts()
+    assert "task_experts" in table and "all" in table
+
+
+def test_two_stage_presets_on_a_tiny_model():
+    """alter-paper: ffn experts, task weights selector; stage 2 adds a shared expert (pretrained) and the gate."""
+    model = make_model("t5", "ffn", RouterConfig(kind="task_weights", temperature=0.1), perturb=0, layers="middle")
+    inputs = batch_inputs(model)
+    base = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    stage2 = StageConfig(
+        name="stage2",
+        router=RouterConfig(kind="gate", temperature=0.1),
+        add_experts=AddExpertsConfig(shared=1, init="pretrained"),
+        train=["task_experts", "shared_experts", "router"],
+        init_from="stage1",
+    )
+    counts = model.apply_stage(stage2)
+    assert counts["backbone"][0] == 0 and counts["shared_experts"][0] > 0
+    block = model.blocks["encoder.1"]
+    assert block.shared_experts.num_experts == 1
+    # a pretrained copy mixed by a gate that sums to one: the model is still the backbone
+    torch.testing.assert_close(model(**inputs, task_ids=[0, 1, 2, 0]).logits, base, **TOL)
+
+
+def test_stage_two_carries_task_logits_into_the_gate():
+    model = make_model("gpt2", router=RouterConfig(kind="task_weights"))
+    with torch.no_grad():
+        for block in model.blocks.values():
+            block.router.task_logits.copy_(torch.arange(9.0).reshape(3, 3))
+    model.add_shared_experts(1)
+    model.set_router(RouterConfig(kind="gate"))
+    for block in model.blocks.values():
+        assert torch.equal(block.router.task_logits, torch.arange(9.0).reshape(3, 3))
+
+
+@pytest.mark.parametrize("router", ["hard", "task_weights", "gate", "token", "random"])
+def test_save_and_load_round_trip(tmp_path, arch, router):
+    shared = 1 if router == "gate" else 0
+    model = make_model(arch, "ffn" if arch == "llama" else "bottleneck", RouterConfig(kind=router), shared=shared)
+    model.set_step(7)
+    inputs = batch_inputs(model)
+    expected = model(**inputs, task_ids=[0, 1, 2, 1]).logits
+    model.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "backbone",
+        "mta.safetensors",
+        "mta_config.json",
+        "tasks.json",
+    ]
+    tasks = json.loads((tmp_path / "model" / "tasks.json").read_text())
+    assert [t["name"] for t in tasks] == [t.name for t in TASKS] and tasks[2]["category"] == "generate"
+    loaded = MTAModel.from_pretrained(tmp_path / "model").eval()
+    assert loaded.context.step == 7
+    got = loaded(**inputs, task_ids=["sentiment", "topic", 2, 1]).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ["hard", "task_weights", "gate", "token", "fixed"])
+def test_export_task_matches_the_full_model_on_that_task(tmp_path, arch, router):
+    shared = 1 if router in ("gate", "hard") else 0
+    extra = {"routes": {"sentiment": [1, 2], "topic": [0], "summary": [2]}} if router == "fixed" else {}
+    config = RouterConfig(kind=router, top_k=2 if router == "task_weights" else None, **extra)
+    model = make_model(arch, "bottleneck", config, shared=shared)
+    inputs = batch_inputs(model)
+    for task in ("sentiment", "summary"):
+        expected = model(**inputs, task_ids=[task] * 4).logits
+        model.export_task(tmp_path / task, task)
+        exported = MTAModel.from_pretrained(tmp_path / task).eval()
+        assert exported.task_names == [task]
+        torch.testing.assert_close(exported(**inputs, task_ids=[0] * 4).logits, expected, **TOL)
+        if router in ("hard", "task_weights", "fixed"):
+            kept = next(iter(exported.blocks.values())).task_experts.num_experts
+            assert kept < model.layout.num_experts  # unused experts dropped
+
+
+def test_add_task_later_gets_its_own_expert():
+    model = make_model("gpt2", router=RouterConfig(kind="hard"))
+    inputs = batch_inputs(model)
+    before = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    task = model.add_task("new", "classify", init="expert", source_expert=1)
+    assert task == 3 and model.layout.num_task_experts == 4
+    torch.testing.assert_close(model(**inputs, task_ids=[0, 1, 2, 0]).logits, before, **TOL)
+    torch.testing.assert_close(
+        model(**inputs, task_ids=["new"] * 4).logits, model(**inputs, task_ids=[1] * 4).logits, **TOL
+    )
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_task("new")
+
+
+@pytest.mark.parametrize(
+    "task_ids, message",
+    [
+        (None, "task_ids is required"),
+        ([0, 1, 5, 0], "task id 5 out of range"),
+        ([0, -1, 0, 0], "task id -1 out of range"),
+        (["sentiment", "nope", 0, 0], "unknown task 'nope'"),
+        ([0, 1], "task_ids has 2 entries for a batch of 4"),
+        (torch.zeros(4, 1, dtype=torch.long), "must be 1-D"),
+        (torch.zeros(4), "must be integers"),
+    ],
+)
+def test_bad_task_ids_give_clear_errors(task_ids, message):
+    model = make_model("gpt2")
+    with pytest.raises(ValueError, match=message):
+        model(**batch_inputs(model), task_ids=task_ids)
+
+
+def test_bare_backbone_call_explains_itself():
+    model = make_model("gpt2")
+    with pytest.raises(RuntimeError, match="without task ids"):
+        model.backbone(**batch_inputs(model))
+
+
+def test_loading_a_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"mta_config\.json is missing"):
+        MTAModel.from_pretrained(tmp_path)
+
+
+def test_save_is_atomic_and_replaces_an_old_model(tmp_path):
+    model = make_model("gpt2")
+    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
