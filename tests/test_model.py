@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TASKS, batch_inputs, make_model
+from conftest import TASKS, batch_inputs, make_model, perturb_experts
 
 from alter_ds.config import AddExpertsConfig, RouterConfig, StageConfig
 from alter_ds.mta import MTAModel
@@ -122,7 +122,7 @@ def test_export_task_matches_the_full_model_on_that_task(tmp_path, arch, router)
     inputs = batch_inputs(model)
     for task in ("sentiment", "summary"):
         expected = model(**inputs, task_ids=[task] * 4).logits
-        model.export_task(tmp_path / task, task)
+        model.export_task(tmp_path / task, task, check_inputs=inputs)
         exported = MTAModel.from_pretrained(tmp_path / task).eval()
         assert exported.task_names == [task]
         torch.testing.assert_close(exported(**inputs, task_ids=[0] * 4).logits, expected, **TOL)
@@ -179,3 +179,39 @@ def test_save_is_atomic_and_replaces_an_old_model(tmp_path):
     model.save_pretrained(tmp_path / "m")
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_export_check_catches_a_mismatch(tmp_path, monkeypatch):
+    model = make_model("gpt2", router=RouterConfig(kind="hard"))
+    inputs = batch_inputs(model)
+    real = MTAModel.from_pretrained
+
+    def tampered(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        perturb_experts(loaded, 1.0, seed=5)
+        return loaded
+
+    monkeypatch.setattr(MTAModel, "from_pretrained", tampered)
+    with pytest.raises(ValueError, match="differs from the full model"):
+        model.export_task(tmp_path / "x", "topic", check_inputs=inputs)
+
+
+def test_five_experts_for_three_tasks_with_a_prior_map():
+    """The official code's layout: 5 task experts for 3 tasks, each task assigned some of them."""
+    router = RouterConfig(kind="hard")
+    model = make_model("bart", "ffn", router, num_task_experts=5, task_experts={"sentiment": [0, 1], "topic": [2, 3]})
+    assert model.layout.task_experts == [[0, 1], [2, 3], [2]]
+    block = next(iter(model.blocks.values()))
+    assert block.task_experts.num_experts == 5
+    mixture = block.router.task_mixture()
+    assert mixture[0].tolist() == [0.5, 0.5, 0.0, 0.0, 0.0]
+
+
+def test_bfloat16_model_runs_and_stays_close():
+    model = make_model("llama", "bottleneck", RouterConfig(kind="task_weights"))
+    inputs = batch_inputs(model)
+    expected = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    got = model.to(torch.bfloat16)(**inputs, task_ids=[0, 1, 2, 0]).logits
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits; logits of this tiny model are O(1)
+    torch.testing.assert_close(got.float(), expected, rtol=5e-2, atol=5e-2)

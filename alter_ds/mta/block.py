@@ -64,8 +64,6 @@ class MTABlock(nn.Module):
     """
 
     context: RoutingContext
-    usage_sum: torch.Tensor
-    usage_count: torch.Tensor
 
     def __init__(
         self,
@@ -95,8 +93,9 @@ class MTABlock(nn.Module):
         self.scaling = scaling
         self.is_encoder_decoder = is_encoder_decoder
         object.__setattr__(self, "context", context)  # shared plain object, not a submodule
-        self.register_buffer("usage_sum", torch.zeros(layout.num_tasks, layout.num_experts), persistent=False)
-        self.register_buffer("usage_count", torch.zeros(layout.num_tasks), persistent=False)
+        # fp32 accumulators kept outside the module's buffers: a bf16 cast of the model must not round counts
+        self.usage_sum: torch.Tensor | None = None
+        self.usage_count: torch.Tensor | None = None
         self.record_usage = True
 
     # ------------------------------------------------------------------------------------- forward
@@ -166,20 +165,29 @@ class MTABlock(nn.Module):
 
     @torch.no_grad()
     def _record(self, task_ids: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor) -> None:
-        dense = torch.zeros(*expert_ids.shape[:-1], self.layout.num_experts, device=expert_ids.device)
+        device = expert_ids.device
+        dense = torch.zeros(*expert_ids.shape[:-1], self.layout.num_experts, device=device)
         dense.scatter_add_(-1, expert_ids, expert_weights.detach().float())
         if dense.dim() == 3:
             dense = dense.mean(1)
-        self.usage_sum.index_add_(0, task_ids, dense.to(self.usage_sum.device))
-        self.usage_count.index_add_(0, task_ids, torch.ones_like(task_ids, dtype=self.usage_count.dtype))
+        if (
+            self.usage_sum is None
+            or self.usage_count is None
+            or self.usage_sum.shape != (self.layout.num_tasks, dense.shape[-1])
+        ):
+            self.usage_sum = torch.zeros(self.layout.num_tasks, dense.shape[-1], device=device)
+            self.usage_count = torch.zeros(self.layout.num_tasks, device=device)
+        self.usage_sum.index_add_(0, task_ids, dense)
+        self.usage_count.index_add_(0, task_ids, torch.ones_like(task_ids, dtype=torch.float32))
 
     def usage(self, reset: bool = True) -> torch.Tensor:
         """Mean routing weight of each task over each expert since the last reset (``[tasks, experts]``)."""
+        if self.usage_sum is None or self.usage_count is None:
+            return torch.zeros(self.layout.num_tasks, self.layout.num_experts)
         mean = self.usage_sum / self.usage_count.clamp_min(1).unsqueeze(-1)
         if reset:
-            self.usage_sum.zero_()
-            self.usage_count.zero_()
-        return mean.clone()
+            self.usage_sum = self.usage_count = None
+        return mean
 
     # -------------------------------------------------------------------------------- structure
     def set_router(self, config: RouterConfig, layout: ExpertLayout | None = None) -> None:
@@ -200,8 +208,7 @@ class MTABlock(nn.Module):
                     tensor[index].copy_(source[index])
         reference = self.task_experts.w_down
         self.router = new.to(device=reference.device)
-        self.usage_sum = torch.zeros(self.layout.num_tasks, self.layout.num_experts, device=reference.device)
-        self.usage_count = torch.zeros(self.layout.num_tasks, device=reference.device)
+        self.usage_sum = self.usage_count = None
 
     def router_config(self) -> RouterConfig:
         return replace(self.router.config)

@@ -343,13 +343,20 @@ class MTAModel(nn.Module):
         _write_artifact(Path(directory), self._metadata(), tasks, self.mta_state_dict(), backbone, self.backbone)
 
     def export_task(
-        self, directory: str | os.PathLike[str], task: str | int, save_backbone: bool | None = None
+        self,
+        directory: str | os.PathLike[str],
+        task: str | int,
+        save_backbone: bool | None = None,
+        check_inputs: dict[str, torch.Tensor] | None = None,
+        tolerance: float = 1e-4,
     ) -> None:
         """Write a single-task model: the task's routes frozen in, experts it never uses dropped.
 
         Task-level routers become a ``fixed`` router over the experts with non-zero weight; a gate keeps its
         network and the task's selector row; a token router keeps all experts and the task's embedding.
-        Loading the export gives outputs equal to this model's on that task (tested).
+        Loading the export gives outputs equal to this model's on that task (tested); with ``check_inputs``
+        (a batch of model inputs) the export is loaded and compared on it, and a mismatch beyond
+        ``tolerance`` (max absolute logit difference) raises.
         """
         task_index = self.task_id(task)
         step = self.context.step
@@ -396,6 +403,26 @@ class MTAModel(nn.Module):
         tasks = [{"name": info.name, "id": 0, "category": info.category}]
         backbone = self.backbone_state_dict() if self._backbone_needs_saving(save_backbone) else None
         _write_artifact(Path(directory), metadata, tasks, state, backbone, self.backbone)
+        if check_inputs is not None:
+            self._check_export(Path(directory), task_index, check_inputs, tolerance)
+
+    @torch.no_grad()
+    def _check_export(self, directory: Path, task: int, inputs: dict[str, torch.Tensor], tolerance: float) -> None:
+        batch = self._batch_size((), inputs) or 1
+        was_training = self.training
+        self.eval()
+        try:
+            expected = self(**inputs, task_ids=[task] * batch).logits
+            exported = MTAModel.from_pretrained(directory, map_location=str(expected.device)).to(expected.device).eval()
+            got = exported(**inputs, task_ids=[0] * batch).logits
+        finally:
+            self.train(was_training)
+        difference = float((got.float() - expected.float()).abs().max())
+        if difference > tolerance:
+            raise ValueError(
+                f"export of task {self.task_names[task]!r} to {directory} differs from the full model by "
+                f"{difference:.3g} (tolerance {tolerance:.3g})"
+            )
 
     @classmethod
     def from_pretrained(
