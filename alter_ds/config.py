@@ -63,7 +63,7 @@ def require(condition: bool, key: str | KeyPath, message: str) -> None:
 
 RouterKind = Literal["hard", "task_weights", "gate", "token", "uniform", "fixed", "random"]
 RouterMode = Literal["softmax", "gumbel", "st_gumbel"]
-ExpertInit = Literal["zeros", "pretrained", "expert", "random"]
+ExpertInit = Literal["zeros", "pretrained", "expert"]
 PARAMETER_GROUPS = ("backbone", "task_experts", "shared_experts", "router")
 
 
@@ -111,7 +111,8 @@ class MTAConfig:
     #: The prior map: which task experts each task is assigned (default: task i -> expert i).
     task_experts: dict[str, list[int]] = field(default_factory=dict)
     num_shared_experts: int = 0
-    shared_init: ExpertInit = "zeros"
+    #: zeros: output starts at zero (up projection zero); pretrained: a copy of the FFN (ffn experts only).
+    shared_init: Literal["zeros", "pretrained"] = "zeros"
     dropout: float = 0.0
     scaling: float = 1.0
 
@@ -135,6 +136,11 @@ class MTAConfig:
         require(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(math.isfinite(self.scaling), "scaling", "must be finite")
+        require(
+            self.shared_init != "pretrained" or self.expert_kind == "ffn",
+            "shared_init",
+            "pretrained copies the layer's FFN and needs expert_kind: ffn",
+        )
         if self.expert_kind == "ffn":
             require(
                 self.resolved_position() == "replace_ffn", "position", "ffn experts replace the FFN: use replace_ffn"

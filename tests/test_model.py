@@ -215,3 +215,18 @@ def test_bfloat16_model_runs_and_stays_close():
     assert got.dtype == torch.bfloat16
     # bf16 keeps ~3 significant digits; logits of this tiny model are O(1)
     torch.testing.assert_close(got.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_zero_initialised_shared_experts_start_silent_but_learn():
+    """A 'zeros' shared FFN expert adds nothing at first yet receives gradients (not a dead all-zero expert)."""
+    model = make_model("llama", "ffn", RouterConfig(kind="hard"), perturb=0)
+    inputs = batch_inputs(model)
+    before = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    model.add_shared_experts(1, init="zeros")
+    model.set_router(RouterConfig(kind="uniform"))
+    model.set_trainable(["shared_experts"])
+    logits = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    assert not torch.allclose(logits, before)  # the uniform mix now gives the silent expert 1/4
+    logits.square().mean().backward()
+    block = next(iter(model.blocks.values()))
+    assert torch.count_nonzero(block.shared_experts.w_up.grad) > 0

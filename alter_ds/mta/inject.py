@@ -290,13 +290,14 @@ def _make_banks(
     if ffn is not None:
         task_bank.init_from_feed_forward(ffn)
         if shared_bank is not None:
-            if config.shared_init == "zeros":
-                with torch.no_grad():
-                    for tensor in shared_bank.weights():
-                        if tensor is not None:
-                            tensor.zero_()
-            else:
+            if config.shared_init == "pretrained":
                 shared_bank.init_from_feed_forward(ffn)
+            else:  # the output starts at zero, the down projection from the FFN so gradients flow
+                shared_bank.init_from_feed_forward(ffn)
+                with torch.no_grad():
+                    shared_bank.w_up.zero_()
+                    if shared_bank.b_up is not None:
+                        shared_bank.b_up.zero_()
         task_bank.remember_pretrained(ffn)
     else:
         task_bank.init_bottleneck()
