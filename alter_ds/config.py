@@ -81,15 +81,83 @@ class ModelConfig:
         require(bool(self.name_or_path.strip()), "name_or_path", "must not be empty")
 
 
+METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l", "chrf")
+SPLITS = ("train", "dev", "test")
+
+
 @dataclass
 class TaskConfig:
-    """A task as the model sees it: its name (the id is its position in the list) and its category."""
+    """A task: its name (the id is its position in the list), category, where its examples come from and how
+    they become a prompt and a target. Only ``name`` and ``category`` matter to the model."""
 
     name: str
     category: str = "default"
+    #: a directory holding {train,dev,test}.{jsonl,csv,tsv}, or a file path containing "{split}"
+    source: str | None = None
+    #: or a registered builder generating the examples in code (e.g. "synthetic/reverse")
+    builder: str | None = None
+    format: Literal["auto", "jsonl", "csv", "tsv"] = "auto"
+    #: the prompt, a str.format template over the record's fields
+    template: str = "{input}"
+    target_field: str = "target"
+    #: label verbaliser (raw label -> target text) for classification; empty for free-text targets
+    labels: dict[str, str] = field(default_factory=dict)
+    #: put between prompt and target for decoder-only models
+    target_prefix: str = " "
+    metric: Literal["accuracy", "macro_f1", "exact_match", "rouge_l", "chrf"] = "exact_match"
+    max_input_tokens: int = 256
+    max_target_tokens: int = 32
+    #: which end of a too-long prompt is cut: "left" keeps the end (where the question usually is)
+    truncation: Literal["left", "right"] = "left"
+    #: at most this many examples per split (first ones of the file), e.g. {train: 1000}
+    max_examples: dict[str, int] = field(default_factory=dict)
+    on_error: Literal["fail", "skip"] = "fail"
 
     def validate(self) -> None:
+        import string
+
         require(bool(self.name.strip()), "name", "must not be empty")
+        require(not (self.source and self.builder), "builder", "give either source or builder, not both")
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None]
+        except ValueError as error:
+            raise FieldError("template", f"not a valid format string: {error}") from None
+        require(all(fields), "template", "use named fields like {text}, not positional {}")
+        require(self.max_input_tokens >= 1, "max_input_tokens", "must be >= 1")
+        require(self.max_target_tokens >= 1, "max_target_tokens", "must be >= 1")
+        for split, count in self.max_examples.items():
+            require(split in SPLITS, ("max_examples", split), f"unknown split; one of {SPLITS}")
+            require(count >= 1, ("max_examples", split), "must be >= 1")
+        if self.metric in ("accuracy", "macro_f1"):
+            require(bool(self.labels), "labels", f"metric {self.metric} scores labels: give the label verbaliser")
+
+    def template_fields(self) -> list[str]:
+        import string
+
+        return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+
+
+@dataclass
+class DataConfig:
+    """How examples of all tasks become training batches."""
+
+    #: relative task sources resolve against this directory
+    root: str = "."
+    #: proportional to task size, temperature (p ~ n^(1/T)) or uniform over tasks
+    sampling: Literal["proportional", "temperature", "uniform"] = "proportional"
+    temperature: float = 2.0
+    #: cap on a task's examples (its size for sampling and the pool it draws from)
+    max_examples_per_task: int | None = None
+    #: mixed-task batches (default) or every global batch from one task
+    mixed_batches: bool = True
+    #: pack several examples of one task into each sequence (decoder-only)
+    packing: bool = False
+    max_length: int = 512
+
+    def validate(self) -> None:
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(self.max_examples_per_task is None or self.max_examples_per_task >= 1, "max_examples_per_task", ">= 1")
+        require(self.max_length >= 2, "max_length", "must be >= 2")
 
 
 @dataclass
@@ -239,6 +307,7 @@ class ExperimentConfig:
     tasks: list[TaskConfig]
     run_name: str = "alter-ds"
     mta: MTAConfig = field(default_factory=MTAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
 

