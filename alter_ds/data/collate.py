@@ -1,0 +1,115 @@
+"""Tokenisation for decoder-only and seq2seq models, padding into batches with ``task_ids`` per example.
+
+Decoder-only: ``prompt + target_prefix + target + eos``; labels are -100 on the prompt so the loss covers the
+target only, and ``prompt_mask`` marks the prompt tokens (gates pool over them, as in ``generate``).
+Seq2seq: the prompt is the encoder input, the target (+ eos) the labels.
+Truncation is per task: the prompt to ``max_input_tokens`` (from the left by default, keeping the question at
+its end), the target to ``max_target_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alter_ds.config import TaskConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    task_id: int
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int  # decoder-only: tokens of the prompt at the start of input_ids
+
+
+def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    return ids[-limit:] if side == "left" else ids[:limit]
+
+
+def tokenize_example(
+    tokenizer: Any, task: TaskConfig, task_id: int, prompt: str, target: str, seq2seq: bool
+) -> TokenizedExample:
+    """One example's token ids and labels for the model kind (see the module docstring)."""
+    eos = tokenizer.eos_token_id
+    if seq2seq:
+        prompt_ids = _truncate(tokenizer(prompt)["input_ids"], task.max_input_tokens, task.truncation)
+        target_ids = tokenizer(text_target=target)["input_ids"]
+        if eos is not None and (not target_ids or target_ids[-1] != eos):
+            target_ids = [*target_ids, eos]
+        target_ids = target_ids[: task.max_target_tokens]
+        return TokenizedExample(task_id, prompt_ids, target_ids, len(prompt_ids))
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    prompt_ids = _truncate(prompt_ids, task.max_input_tokens, task.truncation)
+    target_ids = tokenizer(task.target_prefix + target, add_special_tokens=False)["input_ids"]
+    target_ids = target_ids[: task.max_target_tokens - (1 if eos is not None else 0)]
+    if eos is not None:
+        target_ids = [*target_ids, eos]
+    return TokenizedExample(task_id, prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, len(prompt_ids))
+
+
+def pack_examples(examples: Sequence[TokenizedExample], max_length: int) -> list[TokenizedExample]:
+    """Greedy packing of consecutive same-task examples into sequences of at most ``max_length`` tokens.
+
+    Decoder-only only. Packed examples attend to earlier examples of the same sequence (no block-diagonal
+    mask), the usual trade of plain packing; the prompt of each packed example stays out of the loss, and
+    ``prompt_length`` covers the first example's prompt (what a gate pools over).
+    """
+    packed: list[TokenizedExample] = []
+    current: TokenizedExample | None = None
+    for example in examples:
+        if len(example.input_ids) > max_length:
+            example = TokenizedExample(example.task_id, example.input_ids[:max_length], example.labels[:max_length], min(example.prompt_length, max_length))
+        fits = current is not None and current.task_id == example.task_id
+        if current is not None and fits and len(current.input_ids) + len(example.input_ids) <= max_length:
+            current.input_ids += example.input_ids
+            current.labels += example.labels
+            continue
+        if current is not None:
+            packed.append(current)
+        current = TokenizedExample(example.task_id, list(example.input_ids), list(example.labels), example.prompt_length)
+    if current is not None:
+        packed.append(current)
+    return packed
+
+
+class MultiTaskCollator:
+    """Pads tokenised examples into a batch: input_ids, attention_mask, labels, task_ids (+ prompt_mask)."""
+
+    def __init__(self, pad_token_id: int, seq2seq: bool, padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+        self.pad_token_id = pad_token_id
+        self.seq2seq = seq2seq
+        self.padding_side = padding_side
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max((len(r) for r in rows), default=0)
+        padded = [
+            ([value] * (width - len(r)) + r) if self.padding_side == "left" else (r + [value] * (width - len(r)))
+            for r in rows
+        ]
+        return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        input_ids = self._pad([e.input_ids for e in examples], self.pad_token_id)
+        attention_mask = self._pad([[1] * len(e.input_ids) for e in examples], 0)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": self._pad([e.labels for e in examples], IGNORE_INDEX),
+            "task_ids": torch.tensor([e.task_id for e in examples], dtype=torch.long),
+        }
+        if not self.seq2seq:
+            prompt = [[1] * e.prompt_length + [0] * (len(e.input_ids) - e.prompt_length) for e in examples]
+            batch["prompt_mask"] = self._pad(prompt, 0)
+        return batch
