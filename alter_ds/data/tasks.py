@@ -99,7 +99,10 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any] | str]]
                 except json.JSONDecodeError as error:
                     yield number, f"invalid JSON ({error.msg} at column {error.colno})"
                     continue
-                yield number, record if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
+                yield (
+                    number,
+                    record if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}",
+                )
             return
         reader = csv.DictReader(handle, delimiter="\t" if fmt == "tsv" else ",")
         expected = len(reader.fieldnames or [])
