@@ -300,6 +300,50 @@ class StageConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """How stages train: the DeepSpeed config they start from and what the YAML overrides in it."""
+
+    #: base DeepSpeed JSON; "auto" picks ds_configs/zero2_gpu_bf16.json on GPUs, zero2_cpu_fp32.json on CPU
+    deepspeed_config: str = "auto"
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    #: auto: bf16 where the accelerator supports it fast (GPU), fp32 on CPU (bf16 is ~20x slower there)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    warmup_steps: int = 10
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    #: evaluate on dev every N steps (0: at the end of each stage only)
+    eval_every: int = 0
+    eval_batch_size: int = 16
+    #: at most this many dev/test examples per task in evaluation (None: all)
+    eval_max_examples: int | None = None
+    #: consecutive non-finite losses tolerated (each skipped) before the run checkpoints and stops
+    max_nonfinite_steps: int = 5
+    output_dir: str = "runs"
+
+    def validate(self) -> None:
+        for key in (
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "checkpoint_every",
+            "log_every",
+            "eval_batch_size",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+        ):
+            require(getattr(self, key) >= 1, key, "must be >= 1")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.gradient_clipping >= 0, "gradient_clipping", "must be >= 0 (0 disables clipping)")
+        require(self.eval_max_examples is None or self.eval_max_examples >= 1, "eval_max_examples", "must be >= 1")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: backbone, tasks, MTA placement and the stages to run."""
 
@@ -308,6 +352,7 @@ class ExperimentConfig:
     run_name: str = "alter-ds"
     mta: MTAConfig = field(default_factory=MTAConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
 

@@ -1,0 +1,471 @@
+"""Train the stages of an experiment with DeepSpeed ZeRO-2.
+
+    deepspeed --num_gpus 2 alter_ds/train.py --config configs/alter-ds.yaml --stage all
+    torchrun --nproc_per_node 2 alter_ds/train.py --config configs/alter-ds.yaml --stage 1
+
+Each stage builds its model (the backbone, or the model an earlier stage exported), applies itself (experts
+to add, router, trainable groups), builds a fresh DeepSpeed engine over its trainable parameters and trains
+for its steps on mixed-task batches, checkpointing along the way; then it evaluates on dev and exports the
+model with ``save_pretrained`` into ``runs/<run_name>/stage<i>/model``, where the next stage starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script by the launcher: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from alter_ds.checkpoint import StopRequest, fingerprint, load_checkpoint, save_checkpoint
+from alter_ds.config import ExperimentConfig, StageConfig, load_config, save_config
+from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator
+from alter_ds.data.multitask import MultiTaskData, TrainBatches
+from alter_ds.data.tasks import load_split
+from alter_ds.evaluate import evaluate, format_results
+from alter_ds.logs import RunLogger
+from alter_ds.mta.model import MTAModel, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------- setup
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--stage", default="all", help="1, 2, ... or a stage name, or all (default)")
+    parser.add_argument("--resume", default="auto", choices=["auto", "none"], help="resume from the latest checkpoint")
+    parser.add_argument("--output-dir", default=None, help="override training.output_dir")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int, str]:
+    """Start the process group (gloo on CPU, nccl on GPUs) the way the launcher or torchrun asks."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator().device_name()
+    deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else None)
+    import torch.distributed as dist
+
+    if accelerator != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size(), accelerator
+
+
+def deepspeed_config(config: ExperimentConfig, world_size: int, accelerator: str) -> dict[str, Any]:
+    """The base JSON with the YAML's batch, accumulation, clipping and precision written in."""
+    training = config.training
+    name = training.deepspeed_config
+    if name == "auto":
+        name = "ds_configs/zero2_cpu_fp32.json" if accelerator == "cpu" else "ds_configs/zero2_gpu_bf16.json"
+    path = Path(name) if Path(name).is_file() else REPO / name
+    if not path.is_file():
+        raise TrainingError(f"training.deepspeed_config: {name} not found")
+    ds = json.loads(path.read_text())
+    ds.pop("optimizer", None)  # the trainer passes its own optimizer and schedule (per-group weight decay)
+    ds.pop("scheduler", None)
+    bf16 = training.precision == "bf16" or (training.precision == "auto" and accelerator != "cpu")
+    ds.update(
+        train_micro_batch_size_per_gpu=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        train_batch_size=training.micro_batch_size * training.gradient_accumulation_steps * world_size,
+        gradient_clipping=training.gradient_clipping,
+        bf16={"enabled": bf16},
+        fp16={"enabled": False},
+        zero_allow_untested_optimizer=True,
+        steps_per_print=10**9,
+    )
+    ds.setdefault("zero_optimization", {"stage": 2})
+    return ds
+
+
+def load_tokenizer(config: ExperimentConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    options = {"gguf_file": config.model.gguf_file} if config.model.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, **options)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def selected_stages(config: ExperimentConfig, choice: str) -> list[int]:
+    names = [s.name for s in config.stages]
+    if not names:
+        raise TrainingError("the config lists no stages")
+    if choice == "all":
+        return list(range(len(names)))
+    if choice.isdigit() and 1 <= int(choice) <= len(names):
+        return [int(choice) - 1]
+    if choice in names:
+        return [names.index(choice)]
+    raise TrainingError(f"--stage {choice}: choose 1..{len(names)}, a stage name {names}, or all")
+
+
+def stage_model(config: ExperimentConfig, index: int, run_dir: Path) -> MTAModel:
+    """The model a stage starts from: the backbone, or the model an earlier stage exported."""
+    stage = config.stages[index]
+    if stage.init_from is None:
+        return build_model(config)
+    source = run_dir / f"stage{[s.name for s in config.stages].index(stage.init_from) + 1}" / "model"
+    if not (source / "mta_config.json").is_file():
+        raise TrainingError(
+            f"stage {stage.name!r} starts from stage {stage.init_from!r}, but {source} does not exist: "
+            f"run that stage first (--stage {stage.init_from})"
+        )
+    return MTAModel.from_pretrained(source)
+
+
+def optimizer_and_schedule(model: MTAModel, stage: StageConfig, config: ExperimentConfig) -> tuple[Any, Any]:
+    """AdamW with weight decay on backbone weights only: experts and routers that see no tokens in a step
+    still get a (zero) gradient under ZeRO-2, and decay would shrink them for nothing."""
+    decayed: list[torch.nn.Parameter] = []
+    plain: list[torch.nn.Parameter] = []
+    for group, _, parameter in model.named_parameter_groups():
+        if parameter.requires_grad:
+            (decayed if group == "backbone" and parameter.dim() > 1 else plain).append(parameter)
+    groups = [
+        g
+        for g in (
+            {"params": decayed, "weight_decay": config.training.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
+    if not groups:
+        raise TrainingError(f"stage {stage.name!r} trains nothing: its train list {stage.train} matched no parameter")
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr)
+    warmup, total, kind = config.training.warmup_steps, max(stage.steps, 1), config.training.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "constant":
+            return 1.0
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def per_task_loss(
+    logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, seq2seq: bool
+) -> torch.Tensor:
+    """``[2, tasks]``: summed token loss and token count of each task in the micro-batch (for logging)."""
+    if not seq2seq:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0), reduction="none")
+    sums = torch.zeros(2, num_tasks)
+    sums[0].index_add_(0, task_ids.cpu(), (losses * mask).sum(1).detach().cpu())
+    sums[1].index_add_(0, task_ids.cpu(), mask.sum(1).float().cpu())
+    return sums
+
+
+def dev_examples(config: ExperimentConfig, split: str) -> dict[str, list[Any]]:
+    return {t.name: load_split(t, split, config.data.root, config.seed).examples for t in config.tasks}
+
+
+# ------------------------------------------------------------------------------------------- stage
+def train_stage(
+    config: ExperimentConfig, index: int, run_dir: Path, args: argparse.Namespace, env: dict[str, Any]
+) -> dict[str, Any]:
+    import deepspeed
+    import torch.distributed as dist
+
+    rank, world, accelerator = env["rank"], env["world"], env["accelerator"]
+    stage = config.stages[index]
+    stage_dir = run_dir / f"stage{index + 1}"
+    finished = stage_dir / "summary.json"
+    if args.resume == "auto" and finished.is_file() and (stage_dir / "model" / "mta_config.json").is_file():
+        if rank == 0:
+            print(f"stage {stage.name} already finished ({stage_dir / 'model'}); skipping")
+        return dict(json.loads(finished.read_text()))
+    checkpoints = stage_dir / "checkpoints"
+    tokenizer, data, logger = env["tokenizer"], env["train_data"], env["logger"]
+    seq2seq = env["seq2seq"]
+
+    torch.manual_seed(config.seed + 1000 * index + rank)
+    model = stage_model(config, index, run_dir)
+    counts = model.apply_stage(stage)
+    if rank == 0:
+        print(f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}")
+        print(model.format_parameter_counts())
+    ds_config = deepspeed_config(config, world, accelerator)
+    optimizer, schedule = optimizer_and_schedule(model, stage, config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+
+    collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq)
+    batches = TrainBatches(
+        data, config.data, collator, config.training.micro_batch_size, rank, world, config.seed + index
+    )
+    stamp = fingerprint(
+        {
+            "model": dataclasses.asdict(config.model),
+            "tasks": [t.name for t in config.tasks],
+            "mta": dataclasses.asdict(config.mta),
+            "stage": dataclasses.asdict(stage),
+            "micro_batch_size": config.training.micro_batch_size,
+            "world_size": world,
+        }
+    )
+    step = 0
+    if args.resume == "auto":
+        state = load_checkpoint(engine, checkpoints, stamp)
+        if state is not None:
+            step = int(state["step"])
+            batches.load_state_dict(state["sampler"])
+            if rank == 0:
+                print(f"resumed stage {stage.name} from step {step} ({checkpoints})")
+
+    def checkpoint() -> None:
+        client = {"step": step, "sampler": batches.state_dict(), "fingerprint": stamp, "stage": stage.name}
+        save_checkpoint(engine, checkpoints, f"step{step}", client, config.training.keep_checkpoints)
+
+    from tqdm import tqdm
+
+    progress = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
+    accumulation = config.training.gradient_accumulation_steps
+    window: dict[str, Any] = {
+        "loss": torch.zeros(2, len(config.tasks)),
+        "tokens": 0,
+        "samples": 0,
+        "time": time.perf_counter(),
+    }
+    nonfinite_in_a_row, nonfinite_total, step_times = 0, 0, []
+    engine.train()
+    while step < stage.steps:
+        if env["stop"].requested or _any_rank(env["stop"].requested):
+            checkpoint()
+            if rank == 0:
+                reason = env["stop"].signal_name or "stop"
+                print(f"\n{reason} received: checkpointed stage {stage.name} at step {step}; exiting")
+            raise SystemExit(0)
+        started = time.perf_counter()
+        model.set_step(step)
+        skipped = False
+        for _ in range(accumulation):
+            batch = {k: v.to(engine.device) for k, v in batches.next_batch().items()}
+            output = engine(**batch)
+            finite = bool(torch.isfinite(output.loss))
+            if _any_rank(not finite):  # every rank skips together, so ZeRO's collectives stay aligned
+                skipped = True
+                continue
+            engine.backward(output.loss)
+            engine.step()
+            window["loss"] += per_task_loss(
+                output.logits.detach(), batch["labels"], batch["task_ids"], len(config.tasks), seq2seq
+            )
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["samples"] += int(batch["input_ids"].shape[0])
+        if skipped:
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            logger.scalars({"train/nonfinite_skipped": nonfinite_total}, step)
+            if nonfinite_in_a_row >= config.training.max_nonfinite_steps:
+                checkpoint()
+                raise TrainingError(
+                    f"stage {stage.name}: {nonfinite_in_a_row} non-finite losses in a row at step {step}; "
+                    f"checkpointed. Lower the learning rate or check the data, then resume."
+                )
+            continue
+        nonfinite_in_a_row = 0
+        step += 1
+        step_times.append(time.perf_counter() - started)
+        progress.update(1)
+        if step % config.training.log_every == 0 or step == stage.steps:
+            _log_window(engine, model, logger, window, step, index, config, progress, stage_dir / "metrics.jsonl")
+        if step % config.training.checkpoint_every == 0 and step < stage.steps:
+            checkpoint()
+        if config.training.eval_every and step % config.training.eval_every == 0 and step < stage.steps:
+            _evaluate(model, env, config, f"{stage.name}_step{step}", step)
+    progress.close()
+    checkpoint()
+    results = _evaluate(model, env, config, stage.name, step)
+    summary = {
+        "stage": stage.name,
+        "steps": step,
+        "parameters": {group: {"trainable": t, "total": n} for group, (t, n) in counts.items()},
+        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
+        "nonfinite_skipped": nonfinite_total,
+        "dev": results,
+    }
+    export = stage_dir / "model"
+    if rank == 0:
+        _module_fp32(engine, model).save_pretrained(export)
+        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    else:
+        _module_fp32(engine, model)
+    dist.barrier()
+    return summary
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _module_fp32(engine: Any, model: MTAModel) -> MTAModel:
+    """Trainable weights at full precision: under bf16 the module holds a bf16 copy, the fp32 masters live in
+    the ZeRO partitions (a collective: every rank calls this)."""
+    if not engine.bfloat16_enabled():
+        return model
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {id(p): safe_get_full_fp32_param(p) for p in model.parameters() if p.requires_grad}
+    model = model.float()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if id(parameter) in masters and masters[id(parameter)] is not None:
+                parameter.copy_(masters[id(parameter)])
+    return model
+
+
+def _log_window(
+    engine: Any,
+    model: MTAModel,
+    logger: RunLogger,
+    window: dict[str, Any],
+    step: int,
+    index: int,
+    config: ExperimentConfig,
+    progress: Any,
+    metrics_file: Path,
+) -> None:
+    import torch.distributed as dist
+
+    totals = window["loss"].clone()
+    counters = torch.tensor([float(window["tokens"]), float(window["samples"])])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+        dist.all_reduce(counters)
+    usage = _gathered_usage(model)
+    seconds = max(time.perf_counter() - window["time"], 1e-9)
+    loss = float(totals[0].sum() / totals[1].sum().clamp_min(1))
+    values = {
+        "train/loss": loss,
+        "train/lr": float(engine.get_lr()[0]),
+        "train/tokens_per_s": float(counters[0]) / seconds,
+        "train/samples_per_s": float(counters[1]) / seconds,
+        "train/stage": float(index + 1),
+    }
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        values["train/grad_norm"] = float(grad_norm)
+    for task_id, task in enumerate(config.tasks):
+        if totals[1, task_id] > 0:
+            values[f"train_loss/{task.name}"] = float(totals[0, task_id] / totals[1, task_id])
+    prefix = config.stages[index].name
+    logger.scalars({f"{prefix}/{key}": value for key, value in values.items()}, step)
+    if logger.rank == 0:  # the same numbers as plain lines, for scripts (a resumed run appends)
+        with metrics_file.open("a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+    logger.routing(usage, step, f"{prefix}/routing")
+    logger.flush()
+    progress.set_postfix(loss=f"{loss:.4f}")
+    window.update(loss=torch.zeros_like(window["loss"]), tokens=0, samples=0, time=time.perf_counter())
+
+
+def _gathered_usage(model: MTAModel) -> dict[str, torch.Tensor]:
+    """Each block's mean routing per task since the last call, averaged over ranks (a collective)."""
+    import torch.distributed as dist
+
+    usage = {name: block.usage().cpu() for name, block in model.blocks.items()}
+    if dist.is_initialized():
+        for matrix in usage.values():
+            dist.all_reduce(matrix)
+        usage = {name: matrix / dist.get_world_size() for name, matrix in usage.items()}
+    return usage
+
+
+def _evaluate(model: MTAModel, env: dict[str, Any], config: ExperimentConfig, name: str, step: int) -> dict[str, Any]:
+    _gathered_usage(model)  # drop training usage: the heatmap below shows routing on the dev set
+    results = evaluate(
+        model,
+        env["tokenizer"],
+        config.tasks,
+        env["dev"],
+        env["seq2seq"],
+        config.training.eval_batch_size,
+        config.training.eval_max_examples,
+    )
+    usage = _gathered_usage(model)
+    env["logger"].routing(usage, step, f"eval/{name}", heatmap=True)
+    if env["rank"] == 0:
+        env["logger"].scalars({f"eval/{t}/{r['metric']}": r["score"] for t, r in results.items()}, step)
+        out = env["run_dir"] / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}_dev.json").write_text(json.dumps(results, indent=2))
+        print(f"\n{name} (dev)\n" + format_results({name: results}))
+    return results
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config: ExperimentConfig = load_config(args.config)
+    if args.output_dir:
+        config.training.output_dir = args.output_dir
+    rank, world, accelerator = init_distributed()
+    run_dir = Path(config.training.output_dir) / config.run_name
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    stop = StopRequest().install()
+    tokenizer = load_tokenizer(config)
+    from transformers import AutoConfig
+
+    options = {"gguf_file": config.model.gguf_file} if config.model.gguf_file else {}
+    hf_config = AutoConfig.from_pretrained(config.model.name_or_path, **options)
+    seq2seq = config.model.kind == "seq2seq" or (config.model.kind == "auto" and bool(hf_config.is_encoder_decoder))
+    env = {
+        "rank": rank,
+        "world": world,
+        "accelerator": accelerator,
+        "tokenizer": tokenizer,
+        "seq2seq": seq2seq,
+        "stop": stop,
+        "run_dir": run_dir,
+        "train_data": MultiTaskData.load(config.tasks, tokenizer, seq2seq, "train", config.data.root, config.seed),
+        "dev": dev_examples(config, "dev"),
+        "logger": RunLogger(run_dir / "tb", rank, config.task_names()),
+    }
+    summaries = [train_stage(config, index, run_dir, args, env) for index in selected_stages(config, args.stage)]
+    env["logger"].close()
+    if rank == 0:
+        columns = {s["stage"]: s["dev"] for s in summaries}
+        print("\nper-task dev metrics\n" + format_results(columns))
+        print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except (TrainingError, FileNotFoundError, ValueError) as error:
+        print(f"alter-ds train: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

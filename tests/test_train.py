@@ -1,0 +1,247 @@
+"""The trainer through the real DeepSpeed launcher with 2 CPU ranks and ZeRO-2 (tiny random Llama, synthetic
+tasks): both stages, partitioned optimizer state, frozen groups untouched, TensorBoard events read back, and
+resume after kill -9 or a preemption signal reproducing the uninterrupted losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_models import tiny_backbone, tiny_tokenizer
+
+from alter_ds.data.synthetic import synthetic_tasks
+
+pytest.importorskip("deepspeed")
+psutil = pytest.importorskip("psutil")
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1_STEPS = 60
+# fp32, one thread per rank, same data order: a resumed run repeats the uninterrupted losses to rounding.
+LOSS_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    backbone = tiny_backbone("llama")
+    with torch.no_grad():  # a wider output layer than the 0.02 init lets adapters move the logits within 60 steps
+        backbone.lm_head.weight.mul_(20)
+    backbone.save_pretrained(root / "tiny-llama")
+    tiny_tokenizer().save_pretrained(root / "tiny-llama")
+    fields = ("name", "category", "builder", "template", "target_field", "labels", "metric")
+    tasks = [
+        {k: v for k, v in dataclasses.asdict(t).items() if k in fields} for t in synthetic_tasks(["string", "rule"])
+    ]
+    for task in tasks:
+        task["max_examples"] = {"dev": 8}
+    config = {
+        "run_name": "tiny",
+        "model": {"name_or_path": str(root / "tiny-llama")},
+        "tasks": tasks,
+        "mta": {"expert_kind": "bottleneck", "bottleneck_dim": 8, "num_shared_experts": 1},
+        "training": {
+            "micro_batch_size": 4,
+            "log_every": 1,
+            "checkpoint_every": 10,
+            "warmup_steps": 2,
+            "keep_checkpoints": 3,
+        },
+        "stages": [
+            {
+                "name": "stage1",
+                "router": {"kind": "hard"},
+                "train": ["task_experts", "shared_experts"],
+                "lr": 3e-2,
+                "steps": STAGE1_STEPS,
+            },
+            {
+                "name": "stage2",
+                "init_from": "stage1",
+                "train": ["router"],
+                "lr": 5e-2,
+                "steps": 10,
+                "router": {"kind": "task_weights", "prior_assigned": 4.0, "prior_other": 0.0},
+            },
+        ],
+    }
+    (root / "cfg.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def launch(workspace, output, *extra, stage="all"):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    command = [
+        launcher,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(29600 + os.getpid() % 300),
+        str(REPO / "alter_ds" / "train.py"),
+        "--config",
+        str(workspace / "cfg.yaml"),
+        "--output-dir",
+        str(output),
+        "--stage",
+        stage,
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        env=env,
+        cwd=workspace,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(process, timeout=600):
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def losses(run_dir, stage="stage1"):
+    """step -> loss; a resumed run appends, so the last line of a step wins."""
+    found = {}
+    for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        found[record["step"]] = record["train/loss"]
+    return found
+
+
+def wait_for_step(run_dir, step, process, timeout=300):
+    deadline = time.time() + timeout
+    path = run_dir / "stage1" / "metrics.jsonl"
+    while time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        if path.is_file() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace):
+    process = launch(workspace, workspace / "full")
+    code, out = finish(process)
+    assert code == 0, out[-4000:]
+    return workspace / "full" / "tiny", out
+
+
+@pytest.mark.slow
+def test_two_stages_train_with_zero2_on_two_ranks(full_run):
+    run, out = full_run
+    stage1 = losses(run)
+    assert sorted(stage1) == list(range(1, STAGE1_STEPS + 1))
+    first, last = (
+        sum(stage1[s] for s in range(1, 6)) / 5,
+        sum(stage1[s] for s in range(STAGE1_STEPS - 4, STAGE1_STEPS + 1)) / 5,
+    )
+    assert last < first - 0.05, (first, last)
+    # ZeRO-2 partitions the optimizer state: each rank holds half of the fp32 master weights
+    step_dir = run / "stage1" / "checkpoints" / f"step{STAGE1_STEPS}"
+    parts = [
+        torch.load(step_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False) for r in range(2)
+    ]
+    sizes = [sum(t.numel() for t in p["optimizer_state_dict"]["single_partition_of_fp32_groups"]) for p in parts]
+    summary = json.loads((run / "stage1" / "summary.json").read_text())
+    trainable = sum(g["trainable"] for g in summary["parameters"].values())
+    assert sizes[0] == sizes[1] and abs(sum(sizes) - trainable) <= 2 * 16  # alignment padding at most
+    # stage 2 trains the router only: every expert weight is exactly stage 1's
+    one, two = (
+        load_file(run / "stage1" / "model" / "mta.safetensors"),
+        load_file(run / "stage2" / "model" / "mta.safetensors"),
+    )
+    experts = [k for k in one if "experts" in k]
+    assert experts and all(torch.equal(one[k], two[k]) for k in experts)
+    logits = [k for k in two if k.endswith("router.task_logits")]
+    assert logits and any((two[k] - two[k].round()).abs().max() > 1e-4 for k in logits)  # moved away from the 4/0 prior
+    # the stage-2 checkpoint holds the router only, not the frozen model
+    model_states = torch.load(
+        run / "stage2" / "checkpoints" / "step10" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    assert set(model_states["module"]) == {k for k in model_states["module"] if "router" in k}
+    assert "per-task dev metrics" in out and (run / "eval" / "stage2_dev.json").is_file()
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_training_story(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = full_run
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/samples_per_s",
+        "train_loss/reverse",
+        "train_loss/parity",
+    ):
+        assert f"stage1/{tag}" in scalars, tag
+    assert any(t.startswith("stage1/routing/router_entropy/") for t in scalars)
+    assert any(t.startswith("stage2/routing/expert_usage/") for t in scalars)
+    assert "eval/reverse/exact_match" in scalars and "eval/parity/accuracy" in scalars
+    assert any(t.endswith("usage_heatmap") for t in events.Tags()["images"])
+    assert len(events.Scalars("stage1/train/loss")) == STAGE1_STEPS
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stage_then_resume_repeats_the_uninterrupted_losses(workspace, full_run):
+    reference = losses(full_run[0])
+    output = workspace / "killed"
+    process = launch(workspace, output, stage="1")
+    wait_for_step(output / "tiny", 13, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    latest = (output / "tiny" / "stage1" / "checkpoints" / "latest").read_text().strip()
+    resumed_from = int(latest[4:])
+    assert 10 <= resumed_from < STAGE1_STEPS
+    code, out = finish(launch(workspace, output, stage="1"))
+    assert code == 0, out[-4000:]
+    assert f"resumed stage stage1 from step {resumed_from}" in out
+    again = losses(output / "tiny")
+    for step in range(resumed_from + 1, STAGE1_STEPS + 1):
+        assert again[step] == pytest.approx(reference[step], rel=LOSS_TOLERANCE, abs=LOSS_TOLERANCE), step
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_exits_zero_and_resumes(workspace, full_run):
+    reference = losses(full_run[0])
+    output = workspace / "preempted"
+    process = launch(workspace, output, stage="1")
+    wait_for_step(output / "tiny", 5, process)
+    ranks = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if any(a.startswith("--local_rank") for a in p.cmdline())
+    ]
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    code, out = finish(process)
+    assert code == 0, out[-4000:]
+    assert "SIGUSR1 received: checkpointed stage stage1" in out
+    saved = int((output / "tiny" / "stage1" / "checkpoints" / "latest").read_text().strip()[4:])
+    assert 5 <= saved < STAGE1_STEPS
+    code, out = finish(launch(workspace, output, stage="1"))
+    assert code == 0 and f"resumed stage stage1 from step {saved}" in out
+    again = losses(output / "tiny")
+    assert sorted(again) == list(range(1, STAGE1_STEPS + 1))
+    for step in range(saved + 1, STAGE1_STEPS + 1):
+        assert again[step] == pytest.approx(reference[step], rel=LOSS_TOLERANCE, abs=LOSS_TOLERANCE), step
