@@ -79,11 +79,88 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+TRAINABLE_STATE = "trainable_state.pt"
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def trainable_state(engine: Any) -> dict[str, Any]:
+    """The trainable parameters' fp32 values and Adam moments, whole (not partitioned): a collective.
+
+    ZeRO-2 partitions both across ranks; this world-size-independent copy (small, since only adapters, routers
+    and whatever a stage unfreezes train) is what lets a run resume on a different number of ranks.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    state: dict[str, Any] = {"params": {}, "optimizer_step": _optimizer_step(engine)}
+    for name, parameter in engine.module.named_parameters():
+        if parameter.requires_grad:
+            entry = {"fp32": safe_get_full_fp32_param(parameter)}
+            for key in ADAM_STATES:
+                entry[key] = safe_get_full_optimizer_state(parameter, key)
+            state["params"][name] = {k: v.detach().cpu().clone() for k, v in entry.items() if v is not None}
+    return state
+
+
+def _optimizer_step(engine: Any) -> int:
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for values in base.state.values():
+        if "step" in values:
+            return int(values["step"])
+    return 0
+
+
+def apply_trainable_state(engine: Any, state: dict[str, Any]) -> None:
+    """Put a ``trainable_state`` into an engine of any world size (every rank calls this)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _create_adam_state(engine, int(state["optimizer_step"]))
+    saved = state["params"]
+    for name, parameter in engine.module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name not in saved:
+            raise CheckpointError(f"the checkpoint has no state for trainable parameter {name}")
+        entry = saved[name]
+        with torch.no_grad():
+            parameter.copy_(entry["fp32"].to(parameter.dtype))
+        safe_set_full_fp32_param(parameter, entry["fp32"].to(parameter.device))
+        for key in ADAM_STATES:
+            if key in entry:
+                safe_set_full_optimizer_state(parameter, entry[key].to(parameter.device), key)
+
+
+def _create_adam_state(engine: Any, step: int) -> None:
+    """A fresh engine's Adam has no state until its first step, and DeepSpeed links each parameter's view of
+    the partitioned state only then; create the state (zeros, the saved step count) and link it now."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in base.param_groups:
+        for flat in group["params"]:
+            values = base.state[flat]
+            values["step"] = torch.tensor(float(step))
+            for key in ADAM_STATES:
+                values.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+def checkpoint_world_size(directory: Path) -> int | None:
+    """The number of data-parallel ranks that wrote the latest checkpoint in ``directory`` (None if none)."""
+    tag = latest_tag(directory)
+    if tag is None:
+        return None
+    states = directory / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise CheckpointError(f"{directory / tag} is incomplete: {states.name} is missing")
+    return int(torch.load(states, map_location="cpu", weights_only=False)["dp_world_size"])
+
+
 def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[str, Any], keep: int) -> None:
     """Write checkpoint ``tag`` on every rank, then (rank 0) point ``latest`` at it and prune old ones.
 
     Only trainable parameters are written (``exclude_frozen_parameters``): a frozen-backbone checkpoint is the
-    size of the adapters and routers, not of the model.
+    size of the adapters and routers, not of the model. Next to DeepSpeed's partitioned files goes a whole copy
+    of the trainable state, for resuming on another number of ranks.
     """
     import torch.distributed as dist
 
@@ -92,6 +169,9 @@ def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[s
         str(directory), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )
     torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
+    whole = trainable_state(engine)
+    if rank == 0:
+        torch.save(whole, directory / tag / TRAINABLE_STATE)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -108,15 +188,28 @@ def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[s
 
 
 def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """Resume from ``latest`` in ``directory``: engine state, this rank's RNG; returns the client state."""
+    """Resume from ``latest`` in ``directory``: engine state, this rank's RNG; returns the client state.
+
+    On the world size that wrote it, DeepSpeed restores its own partitions exactly; on another one the module
+    and schedule come from DeepSpeed's files and the fp32 weights and Adam moments from the whole trainable
+    state, re-partitioned over the new ranks.
+    """
     import torch.distributed as dist
 
     tag = latest_tag(directory)
     if tag is None:
         return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    same_world = checkpoint_world_size(directory) == world
     _, client_state = engine.load_checkpoint(
-        str(directory), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(directory),
+        tag=tag,
+        load_module_strict=False,
+        load_optimizer_states=same_world,
+        load_lr_scheduler_states=True,
     )
+    if not same_world and client_state is not None:
+        apply_trainable_state(engine, torch.load(directory / tag / TRAINABLE_STATE, weights_only=False))
     if client_state is None:
         raise CheckpointError(f"{directory / tag}: DeepSpeed could not load this checkpoint")
     if client_state.get("fingerprint") != expected_fingerprint:

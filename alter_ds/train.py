@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script by the launcher: make the packa
 
 import torch
 
-from alter_ds.checkpoint import StopRequest, fingerprint, load_checkpoint, save_checkpoint
+from alter_ds.checkpoint import StopRequest, checkpoint_world_size, fingerprint, load_checkpoint, save_checkpoint
 from alter_ds.config import ExperimentConfig, StageConfig, load_config, save_config
 from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator
 from alter_ds.data.multitask import MultiTaskData, TrainBatches
@@ -208,6 +208,9 @@ def train_stage(
     if rank == 0:
         print(f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}")
         print(model.format_parameter_counts())
+    saved_world = checkpoint_world_size(checkpoints) if args.resume == "auto" else None
+    if saved_world is not None and saved_world != world:
+        config = _keep_global_batch(config, saved_world, world, rank)
     ds_config = deepspeed_config(config, world, accelerator)
     optimizer, schedule = optimizer_and_schedule(model, stage, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
@@ -225,8 +228,7 @@ def train_stage(
             "tasks": [t.name for t in config.tasks],
             "mta": dataclasses.asdict(config.mta),
             "stage": dataclasses.asdict(stage),
-            "micro_batch_size": config.training.micro_batch_size,
-            "world_size": world,
+            "global_batch": config.training.micro_batch_size * config.training.gradient_accumulation_steps * world,
         }
     )
     step = 0
@@ -318,6 +320,22 @@ def train_stage(
         _module_fp32(engine, model)
     dist.barrier()
     return summary
+
+
+def _keep_global_batch(config: ExperimentConfig, saved_world: int, world: int, rank: int) -> ExperimentConfig:
+    """Resuming on another number of ranks: change gradient accumulation so every optimizer step still sees
+    the same global batch (the sampler's stream is the same; only how it is cut into micro-batches changes)."""
+    training = config.training
+    total = training.micro_batch_size * training.gradient_accumulation_steps * saved_world
+    if total % (training.micro_batch_size * world):
+        raise TrainingError(
+            f"the checkpoint was written by {saved_world} ranks with a global batch of {total}; "
+            f"{world} ranks of micro_batch_size {training.micro_batch_size} cannot make that batch"
+        )
+    accumulation = total // (training.micro_batch_size * world)
+    if rank == 0:
+        print(f"resuming a {saved_world}-rank checkpoint on {world} rank(s): gradient accumulation {accumulation}")
+    return dataclasses.replace(config, training=dataclasses.replace(training, gradient_accumulation_steps=accumulation))
 
 
 def _any_rank(flag: bool) -> bool:

@@ -79,13 +79,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def launch(workspace, output, *extra, stage="all"):
+def launch(workspace, output, *extra, stage="all", ranks=2):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     command = [
         launcher,
         "--num_gpus",
-        "2",
+        str(ranks),
         "--master_port",
         str(29600 + os.getpid() % 300),
         str(REPO / "alter_ds" / "train.py"),
@@ -245,3 +245,20 @@ def test_preemption_signal_checkpoints_exits_zero_and_resumes(workspace, full_ru
     assert sorted(again) == list(range(1, STAGE1_STEPS + 1))
     for step in range(saved + 1, STAGE1_STEPS + 1):
         assert again[step] == pytest.approx(reference[step], rel=LOSS_TOLERANCE, abs=LOSS_TOLERANCE), step
+
+
+@pytest.mark.slow
+def test_resume_a_two_rank_checkpoint_on_one_rank(workspace, full_run):
+    """The whole trainable state (fp32 weights, Adam moments) is re-partitioned; accumulation doubles so each
+    optimizer step sees the same global batch, and the losses continue as in the 2-rank run."""
+    reference = losses(full_run[0])
+    output = workspace / "one-rank" / "tiny" / "stage1"
+    shutil.copytree(full_run[0] / "stage1" / "checkpoints", output / "checkpoints")
+    (output / "checkpoints" / "latest").write_text("step40\n")
+    code, out = finish(launch(workspace, workspace / "one-rank", stage="1", ranks=1))
+    assert code == 0, out[-4000:]
+    assert "resuming a 2-rank checkpoint on 1 rank(s): gradient accumulation 2" in out
+    assert "resumed stage stage1 from step 40" in out
+    again = losses(workspace / "one-rank" / "tiny")
+    for step in range(41, STAGE1_STEPS + 1):
+        assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), step
