@@ -91,11 +91,12 @@ def trainable_state(engine: Any) -> dict[str, Any]:
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    state: dict[str, Any] = {"params": {}, "optimizer_step": _optimizer_step(engine)}
+    step = _optimizer_step(engine)
+    state: dict[str, Any] = {"params": {}, "optimizer_step": step}
     for name, parameter in engine.module.named_parameters():
         if parameter.requires_grad:
             entry = {"fp32": safe_get_full_fp32_param(parameter)}
-            for key in ADAM_STATES:
+            for key in ADAM_STATES if step > 0 else ():  # before the first step Adam has no moments yet
                 entry[key] = safe_get_full_optimizer_state(parameter, key)
             state["params"][name] = {k: v.detach().cpu().clone() for k, v in entry.items() if v is not None}
     return state

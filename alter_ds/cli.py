@@ -53,6 +53,40 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Start the DeepSpeed launcher on alter_ds/train.py (what a user would type, done for them)."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        raise FileNotFoundError("the deepspeed launcher is not on PATH: pip install deepspeed")
+    script = Path(__file__).with_name("train.py")
+    command = [
+        launcher,
+        "--num_gpus",
+        str(args.ranks),
+        str(script),
+        "--config",
+        args.config,
+        "--stage",
+        args.stage,
+        "--resume",
+        args.resume,
+    ]
+    print(" ".join(command), flush=True)
+    os.execv(launcher, command)
+    return 0  # not reached
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    from alter_ds.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, args.stage, args.split, args.max_examples)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split")
     prepare.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     prepare.set_defaults(run=_prepare_data)
+    train = commands.add_parser("train", help="run the stages of a config with the DeepSpeed launcher")
+    train.add_argument("config")
+    train.add_argument("--stage", default="all")
+    train.add_argument("--ranks", type=int, default=1, help="processes on this machine (GPUs, or CPU ranks)")
+    train.add_argument("--resume", default="auto", choices=["auto", "none"])
+    train.set_defaults(run=_train)
+    evaluation = commands.add_parser("eval", help="evaluate a finished run's model per task")
+    evaluation.add_argument("run_dir")
+    evaluation.add_argument("--stage", default=None, help="stage number or name (default: the last one)")
+    evaluation.add_argument("--split", default="test", choices=["dev", "test"])
+    evaluation.add_argument("--max-examples", type=int, default=None, help="per task")
+    evaluation.set_defaults(run=_evaluate_run)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

@@ -321,6 +321,8 @@ class TrainingConfig:
     eval_batch_size: int = 16
     #: at most this many dev/test examples per task in evaluation (None: all)
     eval_max_examples: int | None = None
+    #: evaluate the backbone before the first stage (the MTA model at init computes exactly the backbone)
+    eval_backbone: bool = True
     #: consecutive non-finite losses tolerated (each skipped) before the run checkpoints and stops
     max_nonfinite_steps: int = 5
     output_dir: str = "runs"

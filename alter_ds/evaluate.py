@@ -137,3 +137,47 @@ def format_results(columns: dict[str, dict[str, dict[str, Any]]]) -> str:
         cells = "".join(f"{columns[n][task]['score']:>12.2f}" if task in columns[n] else f"{'-':>12}" for n in names)
         lines.append(f"{task:<20}{metric:<12}{cells}")
     return "\n".join(lines)
+
+
+def evaluate_run(
+    run_dir: str, stage: str | None = None, split: str = "test", max_examples: int | None = None
+) -> dict[str, Any]:
+    """Evaluate the model a finished stage exported, on ``split``; writes ``eval/<stage>_<split>.json``."""
+    import json
+    from pathlib import Path
+
+    from alter_ds.config import ExperimentConfig, load_config
+    from alter_ds.data.tasks import load_split
+    from alter_ds.mta.model import MTAModel
+
+    root = Path(run_dir)
+    config: ExperimentConfig = load_config(root / "config.yaml")
+    names = [s.name for s in config.stages]
+    index = len(names) - 1 if stage is None else (int(stage) - 1 if stage.isdigit() else names.index(stage))
+    if not 0 <= index < len(names):
+        raise ValueError(f"--stage {stage}: the run has stages {names}")
+    model_dir = root / f"stage{index + 1}" / "model"
+    if not (model_dir / "mta_config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} does not exist: stage {names[index]!r} has not finished")
+    from transformers import AutoTokenizer
+
+    options = {"gguf_file": config.model.gguf_file} if config.model.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, **options)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = MTAModel.from_pretrained(model_dir)
+    examples = {t.name: load_split(t, split, config.data.root, config.seed).examples for t in config.tasks}
+    results = evaluate(
+        model,
+        tokenizer,
+        config.tasks,
+        examples,
+        model.is_encoder_decoder,
+        config.training.eval_batch_size,
+        max_examples,
+    )
+    out = root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{names[index]}_{split}.json").write_text(json.dumps(results, indent=2))
+    print(format_results({f"{names[index]} ({split})": results}))
+    return results

@@ -244,6 +244,9 @@ def train_stage(
         client = {"step": step, "sampler": batches.state_dict(), "fingerprint": stamp, "stage": stage.name}
         save_checkpoint(engine, checkpoints, f"step{step}", client, config.training.keep_checkpoints)
 
+    if index == 0 and step == 0 and stage.init_from is None and config.training.eval_backbone:
+        env["backbone_results"] = _evaluate(model, env, config, "backbone", 0)
+
     from tqdm import tqdm
 
     progress = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
@@ -475,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [train_stage(config, index, run_dir, args, env) for index in selected_stages(config, args.stage)]
     env["logger"].close()
     if rank == 0:
-        columns = {s["stage"]: s["dev"] for s in summaries}
+        columns = {"backbone": env["backbone_results"]} if "backbone_results" in env else {}
+        columns.update({s["stage"]: s["dev"] for s in summaries})
         print("\nper-task dev metrics\n" + format_results(columns))
         print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return 0

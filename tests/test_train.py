@@ -79,7 +79,7 @@ def workspace(tmp_path_factory):
     return root
 
 
-def launch(workspace, output, *extra, stage="all", ranks=2):
+def launch(workspace, output, *extra, stage="all", ranks=2, config="cfg.yaml"):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     command = [
@@ -90,7 +90,7 @@ def launch(workspace, output, *extra, stage="all", ranks=2):
         str(29600 + os.getpid() % 300),
         str(REPO / "alter_ds" / "train.py"),
         "--config",
-        str(workspace / "cfg.yaml"),
+        str(workspace / config),
         "--output-dir",
         str(output),
         "--stage",
@@ -262,3 +262,41 @@ def test_resume_a_two_rank_checkpoint_on_one_rank(workspace, full_run):
     again = losses(workspace / "one-rank" / "tiny")
     for step in range(41, STAGE1_STEPS + 1):
         assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(workspace):
+    corrupt = tiny_backbone("llama")
+    with torch.no_grad():
+        corrupt.lm_head.weight[5, 0] = float("nan")  # a corrupt checkpoint: every loss is NaN
+    corrupt.save_pretrained(workspace / "corrupt-llama")
+    tiny_tokenizer().save_pretrained(workspace / "corrupt-llama")
+    config = yaml.safe_load((workspace / "cfg.yaml").read_text())
+    config["run_name"] = "diverges"
+    config["model"]["name_or_path"] = str(workspace / "corrupt-llama")
+    config["training"]["max_nonfinite_steps"] = 3
+    (workspace / "diverge.yaml").write_text(yaml.safe_dump(config))
+    code, out = finish(launch(workspace, workspace / "nan", stage="1", config="diverge.yaml"))
+    assert code == 2, out[-3000:]
+    assert "3 non-finite losses in a row" in out and "checkpointed" in out
+    assert "Traceback" not in out  # one clear message, not a stack
+    run = workspace / "nan" / "diverges"
+    assert (run / "stage1" / "checkpoints" / "latest").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert events.Scalars("train/nonfinite_skipped")[-1].value == 3
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_finished_run(full_run, capsys):
+    from alter_ds.cli import main
+
+    run, out = full_run
+    assert "backbone" in out.split("per-task dev metrics")[1]  # the backbone column of the final table
+    assert main(["eval", str(run), "--split", "test", "--max-examples", "4"]) == 0
+    results = json.loads((run / "eval" / "stage2_test.json").read_text())
+    assert set(results) == {"reverse", "uppercase", "sort_letters", "first_last", "parity", "vowel_start", "long_word"}
+    assert all(r["examples"] == 4 for r in results.values())
+    assert "stage2 (test)" in capsys.readouterr().out
+    assert main(["eval", str(run), "--stage", "9"]) == 2
