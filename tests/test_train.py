@@ -34,7 +34,7 @@ LOSS_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    backbone = tiny_backbone("llama")
+    backbone = tiny_backbone("llama", tie_word_embeddings=True)  # tied like SmolLM2: checkpoints must drop both
     with torch.no_grad():  # a wider output layer than the 0.02 init lets adapters move the logits within 60 steps
         backbone.lm_head.weight.mul_(20)
     backbone.save_pretrained(root / "tiny-llama")

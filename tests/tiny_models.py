@@ -10,8 +10,8 @@ VOCAB = 104
 PAD = 0
 
 
-def tiny_backbone(arch: str, seed: int = 0) -> nn.Module:
-    """A 2-layer model of ``arch`` built from a config, seeded, in eval mode, fp32."""
+def tiny_backbone(arch: str, seed: int = 0, **overrides) -> nn.Module:
+    """A 2-layer model of ``arch`` built from a config (``overrides`` go into it), seeded, in eval mode, fp32."""
     import transformers as hf
 
     torch.manual_seed(seed)
@@ -92,6 +92,7 @@ def tiny_backbone(arch: str, seed: int = 0) -> nn.Module:
             bos_token_id=2,
             eos_token_id=1,
             pad_token_id=PAD,
+            **overrides,
         )
         model = hf.LlamaForCausalLM(config)
     else:
