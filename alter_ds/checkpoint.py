@@ -79,39 +79,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-TRAINABLE_STATE = "trainable_state.pt"
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
-def trainable_state(engine: Any) -> dict[str, Any]:
-    """The trainable parameters' fp32 values and Adam moments, whole (not partitioned): a collective.
+def whole_trainable_state(directory: Path, tag: str) -> dict[str, Any]:
+    """The trainable parameters' fp32 values and Adam moments, whole, merged from every rank's ZeRO file.
 
-    ZeRO-2 partitions both across ranks; this world-size-independent copy (small, since only adapters, routers
-    and whatever a stage unfreezes train) is what lets a run resume on a different number of ranks.
+    Each ``zero_pp_rank_*`` file holds that rank's flat fp32 partition of every parameter group, the Adam
+    moments aligned with it, and ``param_slice_mappings`` (where each parameter's fragment lies in it); a
+    parameter is its fragments in rank order. The trainable state is small (adapters, routers), so this is
+    cheap, and it is what a run resuming on another number of ranks re-partitions.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    files = sorted((directory / tag).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    if not files:
+        raise CheckpointError(f"{directory / tag} has no ZeRO optimizer files")
+    fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
+    step = 0
+    for path in files:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        partitions = saved["single_partition_of_fp32_groups"]
+        moments = saved["base_optimizer_state"]["state"]
+        for group, mapping in enumerate(saved["param_slice_mappings"]):
+            group_state = moments.get(group, {})
+            step = max(step, int(group_state.get("step", 0)))
+            for name, address in mapping.items():
+                window = slice(address.start, address.start + address.numel)
+                entry = fragments.setdefault(name, {"fp32": []})
+                entry["fp32"].append(partitions[group][window])
+                for key in ADAM_STATES:
+                    if key in group_state:
+                        entry.setdefault(key, []).append(group_state[key][window])
+    params = {name: {key: torch.cat(parts) for key, parts in entry.items()} for name, entry in fragments.items()}
+    return {"params": params, "optimizer_step": step}
 
-    step = _optimizer_step(engine)
-    state: dict[str, Any] = {"params": {}, "optimizer_step": step}
-    for name, parameter in engine.module.named_parameters():
-        if parameter.requires_grad:
-            entry = {"fp32": safe_get_full_fp32_param(parameter)}
-            for key in ADAM_STATES if step > 0 else ():  # before the first step Adam has no moments yet
-                entry[key] = safe_get_full_optimizer_state(parameter, key)
-            state["params"][name] = {k: v.detach().cpu().clone() for k, v in entry.items() if v is not None}
-    return state
 
-
-def _optimizer_step(engine: Any) -> int:
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for values in base.state.values():
-        if "step" in values:
-            return int(values["step"])
-    return 0
+def _rank_of(path: Path) -> int:
+    return int(path.name.split("_")[3])  # zero_pp_rank_<r>_mp_rank_00_optim_states.pt
 
 
 def apply_trainable_state(engine: Any, state: dict[str, Any]) -> None:
-    """Put a ``trainable_state`` into an engine of any world size (every rank calls this)."""
+    """Put a ``whole_trainable_state`` into an engine of any world size (every rank calls this)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _create_adam_state(engine, int(state["optimizer_step"]))
@@ -121,7 +128,7 @@ def apply_trainable_state(engine: Any, state: dict[str, Any]) -> None:
             continue
         if name not in saved:
             raise CheckpointError(f"the checkpoint has no state for trainable parameter {name}")
-        entry = saved[name]
+        entry = {key: value.view(parameter.shape) for key, value in saved[name].items()}
         with torch.no_grad():
             parameter.copy_(entry["fp32"].to(parameter.dtype))
         safe_set_full_fp32_param(parameter, entry["fp32"].to(parameter.device))
@@ -185,8 +192,7 @@ def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[s
     """Write checkpoint ``tag`` on every rank, then (rank 0) point ``latest`` at it and prune old ones.
 
     Only trainable parameters are written (``exclude_frozen_parameters``): a frozen-backbone checkpoint is the
-    size of the adapters and routers, not of the model. Next to DeepSpeed's partitioned files goes a whole copy
-    of the trainable state, for resuming on another number of ranks.
+    size of the adapters and routers, not of the model.
     """
     import torch.distributed as dist
 
@@ -196,9 +202,6 @@ def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[s
         str(directory), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
     )
     torch.save(rng_state(), directory / tag / f"rng_rank{rank}.pt")
-    whole = trainable_state(engine)
-    if rank == 0:
-        torch.save(whole, directory / tag / TRAINABLE_STATE)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -218,8 +221,8 @@ def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> 
     """Resume from ``latest`` in ``directory``: engine state, this rank's RNG; returns the client state.
 
     On the world size that wrote it, DeepSpeed restores its own partitions exactly; on another one the module
-    and schedule come from DeepSpeed's files and the fp32 weights and Adam moments from the whole trainable
-    state, re-partitioned over the new ranks.
+    and schedule come from DeepSpeed's files and the fp32 weights and Adam moments are merged from every saved
+    rank's partition and re-partitioned over the new ranks.
     """
     import torch.distributed as dist
 
@@ -236,7 +239,7 @@ def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> 
         load_lr_scheduler_states=True,
     )
     if not same_world and client_state is not None:
-        apply_trainable_state(engine, torch.load(directory / tag / TRAINABLE_STATE, weights_only=False))
+        apply_trainable_state(engine, whole_trainable_state(directory, tag))
     if client_state is None:
         raise CheckpointError(f"{directory / tag}: DeepSpeed could not load this checkpoint")
     if client_state.get("fingerprint") != expected_fingerprint:

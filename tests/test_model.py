@@ -230,3 +230,16 @@ def test_zero_initialised_shared_experts_start_silent_but_learn():
     logits.square().mean().backward()
     block = next(iter(model.blocks.values()))
     assert torch.count_nonzero(block.shared_experts.w_up.grad) > 0
+
+
+def test_saved_backbone_keeps_the_pretrained_ffn_for_later_experts(tmp_path):
+    """alter-paper: stage 1 trains the backbone (so it is saved) and replaces the FFN; stage 2 adds a shared
+    expert initialised from the pretrained FFN, which must be the original one, not a fresh random init."""
+    model = make_model("t5", "ffn", RouterConfig(kind="task_weights", temperature=0.1), perturb=0.2, layers="middle")
+    original = model.blocks["encoder.1"].task_experts.pretrained().w_in.clone()
+    model.set_trainable(["backbone", "task_experts", "router"])
+    model.save_pretrained(tmp_path / "stage1")
+    assert (tmp_path / "stage1" / "backbone").is_dir()
+    loaded = MTAModel.from_pretrained(tmp_path / "stage1")
+    loaded.add_shared_experts(1, init="pretrained")
+    torch.testing.assert_close(loaded.blocks["encoder.1"].shared_experts.w_down[0], original, rtol=0, atol=0)

@@ -300,3 +300,37 @@ def test_eval_command_on_a_finished_run(full_run, capsys):
     assert all(r["examples"] == 4 for r in results.values())
     assert "stage2 (test)" in capsys.readouterr().out
     assert main(["eval", str(run), "--stage", "9"]) == 2
+
+
+@pytest.mark.slow
+def test_alter_paper_recipe_on_a_seq2seq_model(tmp_path):
+    """The alter-paper preset's stages on a tiny T5: FFN-copy experts in the middle layer, stage 1 trains
+    everything with the task-weights selector, stage 2 adds a pretrained shared expert and the gate."""
+    tiny_backbone("t5").save_pretrained(tmp_path / "tiny-t5")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny-t5")
+    preset = yaml.safe_load((REPO / "configs" / "alter-paper.yaml").read_text())
+    fields = ("name", "category", "builder", "template", "target_field", "labels", "metric")
+    tasks = [
+        {k: v for k, v in dataclasses.asdict(t).items() if k in fields} for t in synthetic_tasks(["arithmetic", "rule"])
+    ]
+    for task in tasks:
+        task["max_examples"] = {"dev": 4}
+    preset.update(
+        run_name="paper",
+        model={"name_or_path": str(tmp_path / "tiny-t5")},
+        tasks=tasks,
+        training={"micro_batch_size": 4, "log_every": 2, "checkpoint_every": 5, "warmup_steps": 1},
+    )
+    preset["stages"][0].update(steps=6, lr=1e-3)
+    preset["stages"][1].update(steps=4, lr=1e-3)
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(preset))
+    code, out = finish(launch(tmp_path, tmp_path / "runs", config="paper.yaml"))
+    assert code == 0, out[-4000:]
+    run = tmp_path / "runs" / "paper"
+    one = json.loads((run / "stage1" / "summary.json").read_text())["parameters"]
+    two = json.loads((run / "stage2" / "summary.json").read_text())["parameters"]
+    assert one["backbone"]["trainable"] > 0 and one["router"]["trainable"] > 0
+    assert two["backbone"]["trainable"] == 0 and two["shared_experts"]["trainable"] > 0
+    assert (run / "stage1" / "model" / "backbone").is_dir()  # stage 1 trained the backbone: saved with the model
+    assert json.loads((run / "stage2" / "model" / "mta_config.json").read_text())["router"]["kind"] == "gate"
+    assert set(json.loads((run / "eval" / "stage2_dev.json").read_text())) == {t["name"] for t in tasks}

@@ -33,7 +33,7 @@ from alter_ds.config import (
     config_from_dict,
 )
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
-from alter_ds.mta.experts import ExpertBank
+from alter_ds.mta.experts import ExpertBank, FeedForwardWeights
 from alter_ds.mta.inject import inject_mta
 from alter_ds.mta.routers import ExpertLayout, GateRouter, TaskLevelRouter, TokenRouter, frozen_config
 
@@ -42,6 +42,8 @@ CONFIG_FILE = "mta_config.json"
 TASKS_FILE = "tasks.json"
 WEIGHTS_FILE = "mta.safetensors"
 BACKBONE_DIR = "backbone"
+#: saved with a backbone: the FFN each ffn bank was copied from (replace_ffn removes it from the backbone)
+PRETRAINED_FFN_PREFIX = "mta_pretrained_ffn."
 
 
 def build_layout(config: MTAConfig, tasks: Sequence[TaskConfig]) -> ExpertLayout:
@@ -339,8 +341,26 @@ class MTAModel(nn.Module):
         (e.g. a model built from a config); ``save_backbone`` forces either way.
         """
         tasks = [{"name": t.name, "id": i, "category": t.category} for i, t in enumerate(self.tasks)]
-        backbone = self.backbone_state_dict() if self._backbone_needs_saving(save_backbone) else None
+        backbone = self._saved_backbone() if self._backbone_needs_saving(save_backbone) else None
         _write_artifact(Path(directory), self._metadata(), tasks, self.mta_state_dict(), backbone, self.backbone)
+
+    def _saved_backbone(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors plus the pretrained FFNs the ffn banks were copied from: ``replace_ffn``
+        removed those from the backbone, and experts added later with ``init: pretrained`` need them."""
+        state = self.backbone_state_dict()
+        for name, block in self.blocks.items():
+            source = block.task_experts.pretrained()
+            if source is None:
+                continue
+            for key, tensor in (
+                ("w_in", source.w_in),
+                ("b_in", source.b_in),
+                ("w_out", source.w_out),
+                ("b_out", source.b_out),
+            ):
+                if tensor is not None:
+                    state[f"{PRETRAINED_FFN_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
+        return state
 
     def export_task(
         self,
@@ -401,7 +421,7 @@ class MTAModel(nn.Module):
         metadata["exported_from_task"] = self.task_names[task_index]
         info = self.tasks[task_index]
         tasks = [{"name": info.name, "id": 0, "category": info.category}]
-        backbone = self.backbone_state_dict() if self._backbone_needs_saving(save_backbone) else None
+        backbone = self._saved_backbone() if self._backbone_needs_saving(save_backbone) else None
         _write_artifact(Path(directory), metadata, tasks, state, backbone, self.backbone)
         if check_inputs is not None:
             self._check_export(Path(directory), task_index, check_inputs, tolerance)
@@ -455,6 +475,12 @@ class MTAModel(nn.Module):
         model = cls(backbone, mta_config, tasks, router, layout, metadata.get("backbone"))
         if backbone_saved:
             saved = load_file(str(root / BACKBONE_DIR / "model.safetensors"), device=map_location)
+            pretrained = {
+                k[len(PRETRAINED_FFN_PREFIX) :]: saved.pop(k)
+                for k in list(saved)
+                if k.startswith(PRETRAINED_FFN_PREFIX)
+            }
+            model._restore_pretrained_ffn(pretrained)
             expected = model.backbone_state_dict()
             if set(saved) != set(expected):
                 missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
@@ -469,6 +495,19 @@ class MTAModel(nn.Module):
         model.load_mta_state_dict(weights)
         model.set_step(metadata.get("step", 0))
         return model
+
+    def _restore_pretrained_ffn(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, block in self.blocks.items():
+            if f"{name}.w_in" in tensors:
+                block.task_experts.remember_pretrained(
+                    FeedForwardWeights(
+                        tensors[f"{name}.w_in"],
+                        tensors.get(f"{name}.b_in"),
+                        tensors[f"{name}.w_out"],
+                        tensors.get(f"{name}.b_out"),
+                        block.task_experts.activation,
+                    )
+                )
 
     def _reshape_block(
         self, name: str, layout: ExpertLayout, router: RouterConfig, weights: dict[str, torch.Tensor]
