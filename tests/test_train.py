@@ -334,3 +334,19 @@ def test_alter_paper_recipe_on_a_seq2seq_model(tmp_path):
     assert (run / "stage1" / "model" / "backbone").is_dir()  # stage 1 trained the backbone: saved with the model
     assert json.loads((run / "stage2" / "model" / "mta_config.json").read_text())["router"]["kind"] == "gate"
     assert set(json.loads((run / "eval" / "stage2_dev.json").read_text())) == {t["name"] for t in tasks}
+
+
+@pytest.mark.slow
+def test_optimizer_offload_config_trains(workspace):
+    config = yaml.safe_load((workspace / "cfg.yaml").read_text())
+    config["run_name"] = "offload"
+    config["training"].update(deepspeed_config="ds_configs/zero2_offload.json", precision="fp32", checkpoint_every=3)
+    config["stages"][0]["steps"] = 6
+    config["stages"] = config["stages"][:1]
+    (workspace / "offload.yaml").write_text(yaml.safe_dump(config))
+    code, out = finish(launch(workspace, workspace / "offload", config="offload.yaml"))
+    assert code == 0, out[-4000:]
+    effective = json.loads((workspace / "offload" / "offload" / "ds_config.json").read_text())
+    assert effective["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert effective["bf16"]["enabled"] is False  # precision: fp32 overrides the file
+    assert sorted(losses(workspace / "offload" / "offload")) == list(range(1, 7))
