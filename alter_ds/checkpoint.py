@@ -230,7 +230,14 @@ def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> 
     if tag is None:
         return None
     world = dist.get_world_size() if dist.is_initialized() else 1
-    same_world = checkpoint_world_size(directory) == world
+    saved = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    if saved.get("fingerprint") != expected_fingerprint:  # before DeepSpeed tries to load mismatched shapes
+        raise CheckpointError(
+            f"{directory / tag} was written by another model, task list or stage config "
+            f"(fingerprint {saved.get('fingerprint')} != {expected_fingerprint}); "
+            f"use a new run_name or --resume none"
+        )
+    same_world = int(saved["dp_world_size"]) == world
     _, client_state = engine.load_checkpoint(
         str(directory),
         tag=tag,
@@ -242,12 +249,6 @@ def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> 
         apply_trainable_state(engine, whole_trainable_state(directory, tag))
     if client_state is None:
         raise CheckpointError(f"{directory / tag}: DeepSpeed could not load this checkpoint")
-    if client_state.get("fingerprint") != expected_fingerprint:
-        raise CheckpointError(
-            f"{directory / tag} was written by another model, task list or stage config "
-            f"(fingerprint {client_state.get('fingerprint')} != {expected_fingerprint}); "
-            f"use a new run_name or --resume none"
-        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = directory / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():

@@ -26,7 +26,14 @@ if __package__ in (None, ""):  # run as a script by the launcher: make the packa
 
 import torch
 
-from alter_ds.checkpoint import StopRequest, checkpoint_world_size, fingerprint, load_checkpoint, save_checkpoint
+from alter_ds.checkpoint import (
+    CheckpointError,
+    StopRequest,
+    checkpoint_world_size,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from alter_ds.config import ExperimentConfig, StageConfig, load_config, save_config
 from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator
 from alter_ds.data.multitask import MultiTaskData, TrainBatches
@@ -488,6 +495,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except (TrainingError, FileNotFoundError, ValueError) as error:
+    except (TrainingError, CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"alter-ds train: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -380,3 +380,20 @@ def test_torchrun_and_the_cli_start_the_same_trainer(workspace, entry):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     run = workspace / "entries" / config["run_name"]
     assert sorted(losses(run)) == [1, 2, 3, 4] and (run / "stage1" / "model" / "mta.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_clear_errors_for_a_bad_config_a_missing_stage_and_a_foreign_checkpoint(workspace, full_run):
+    config = yaml.safe_load((workspace / "cfg.yaml").read_text())
+    (workspace / "bad.yaml").write_text(
+        (workspace / "cfg.yaml").read_text().replace("bottleneck_dim:", "bottleneck_dm:")
+    )
+    code, out = finish(launch(workspace, workspace / "errors", config="bad.yaml"))
+    assert code == 2 and "bad.yaml:" in out and "mta.bottleneck_dm: unknown key" in out and "Traceback" not in out
+    code, out = finish(launch(workspace, workspace / "errors", stage="2"))
+    assert code == 2 and "run that stage first (--stage stage1)" in out and "Traceback" not in out
+    config["mta"]["bottleneck_dim"] = 4  # another model, same run directory: its checkpoint must be refused
+    (workspace / "other.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(full_run[0] / "stage1" / "checkpoints", workspace / "foreign" / "tiny" / "stage1" / "checkpoints")
+    code, out = finish(launch(workspace, workspace / "foreign", config="other.yaml", stage="1"))
+    assert code == 2 and "was written by another model" in out and "use a new run_name" in out
