@@ -42,13 +42,21 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+Item = tuple[int, int, Example]  # (task id, index in the task's split, example)
+
+
 @torch.no_grad()
 def _score_labels(
-    model: Any, tokenizer: Any, task: TaskConfig, task_id: int, examples: list[Example], seq2seq: bool, batch_size: int
+    model: Any, tokenizer: Any, tasks: Sequence[TaskConfig], items: list[Item], seq2seq: bool, batch_size: int
 ) -> list[str]:
-    candidates = list(dict.fromkeys(task.labels.values()))
+    """Each item's best label by mean token log-likelihood; (item, label) pairs of all tasks share batches."""
     collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq, padding_side="right")
-    pairs = [tokenize_example(tokenizer, task, task_id, e.prompt, c, seq2seq) for e in examples for c in candidates]
+    candidates = [list(dict.fromkeys(tasks[task_id].labels.values())) for task_id, _, _ in items]
+    pairs = [
+        tokenize_example(tokenizer, tasks[task_id], task_id, example.prompt, label, seq2seq)
+        for (task_id, _, example), labels in zip(items, candidates)
+        for label in labels
+    ]
     scores: list[float] = []
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(_device(model)) for k, v in collator(pairs[start : start + batch_size]).items()}
@@ -59,37 +67,44 @@ def _score_labels(
         mask = labels != IGNORE_INDEX
         token_logprobs = -F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
         scores += ((token_logprobs * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
-    table = torch.tensor(scores).reshape(len(examples), len(candidates))
-    return [candidates[i] for i in table.argmax(1).tolist()]
+    predictions, offset = [], 0
+    for options in candidates:
+        chunk = scores[offset : offset + len(options)]
+        predictions.append(options[max(range(len(options)), key=chunk.__getitem__)])
+        offset += len(options)
+    return predictions
 
 
 @torch.no_grad()
 def _generate(
-    model: Any, tokenizer: Any, task: TaskConfig, task_id: int, examples: list[Example], seq2seq: bool, batch_size: int
+    model: Any, tokenizer: Any, tasks: Sequence[TaskConfig], items: list[Item], seq2seq: bool, batch_size: int
 ) -> list[str]:
+    """Greedy generation over mixed-task batches: each batch generates up to its longest task's target
+    limit, and each row keeps its own task's limit (greedy tokens do not depend on how long one goes on)."""
     collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq, padding_side="left")
     outputs: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        prompts = [
-            TokenizedExample(task_id, ids, ids, len(ids))
-            for ids in (
-                _truncate(tokenizer(e.prompt)["input_ids"], task.max_input_tokens, task.truncation) for e in chunk
-            )
-        ]
+    device = _device(model)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        prompts = []
+        for task_id, _, example in chunk:
+            task = tasks[task_id]
+            ids = _truncate(tokenizer(example.prompt)["input_ids"], task.max_input_tokens, task.truncation)
+            prompts.append(TokenizedExample(task_id, ids, ids, len(ids)))
         batch = collator(prompts)
-        device = _device(model)
+        limits = [tasks[task_id].max_target_tokens for task_id, _, _ in chunk]
         generated = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
             task_ids=batch["task_ids"].to(device),
-            max_new_tokens=task.max_target_tokens,
+            max_new_tokens=max(limits),
             do_sample=False,
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = generated if seq2seq else generated[:, batch["input_ids"].shape[1] :]
-        outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        rows = [row[: limit + (1 if seq2seq else 0)] for row, limit in zip(new_tokens.tolist(), limits)]
+        outputs += [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
     return outputs
 
 
@@ -102,27 +117,38 @@ def evaluate(
     batch_size: int = 16,
     max_examples: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{task: {"metric", "score", "examples"}}`` on every rank; ``examples`` holds each task's split."""
+    """``{task: {"metric", "score", "examples"}}`` on every rank; ``examples`` holds each task's split.
+
+    Rank r takes every world-th example of each task; classification and generation items each run in
+    mixed-task batches; only (task, index, prediction) triples are gathered.
+    """
     rank, world = _distributed()
+    items: list[Item] = []
+    for task_id, task in enumerate(tasks):
+        chosen = examples[task.name][:max_examples] if max_examples else examples[task.name]
+        items += [(task_id, index, chosen[index]) for index in range(rank, len(chosen), world)]
+    scored = [item for item in items if tasks[item[0]].labels]
+    generated = [item for item in items if not tasks[item[0]].labels]
     was_training = model.training
     model.eval()
-    results: dict[str, dict[str, Any]] = {}
     try:
-        for task_id, task in enumerate(tasks):
-            chosen = examples[task.name][:max_examples] if max_examples else examples[task.name]
-            shard = chosen[rank::world]
-            run = _score_labels if task.labels else _generate
-            predictions = run(model, tokenizer, task, task_id, shard, seq2seq, batch_size) if shard else []
-            pairs = _gather([(rank + i * world, p, e.target) for i, (p, e) in enumerate(zip(predictions, shard))])
-            pairs.sort(key=lambda item: item[0])
-            results[task.name] = {
-                "metric": task.metric,
-                "score": score(task.metric, [p for _, p, _ in pairs], [r for _, _, r in pairs]),
-                "examples": len(pairs),
-                "samples": [{"prediction": p, "reference": r} for _, p, r in pairs[:3]],
-            }
+        predictions = _score_labels(model, tokenizer, tasks, scored, seq2seq, batch_size) if scored else []
+        predictions += _generate(model, tokenizer, tasks, generated, seq2seq, batch_size) if generated else []
     finally:
         model.train(was_training)
+    triples = _gather([(t, i, p) for (t, i, _), p in zip(scored + generated, predictions)])
+    results: dict[str, dict[str, Any]] = {}
+    for task_id, task in enumerate(tasks):
+        chosen = examples[task.name][:max_examples] if max_examples else examples[task.name]
+        mine = sorted((index, prediction) for t, index, prediction in triples if t == task_id)
+        predicted = [p for _, p in mine]
+        references = [chosen[index].target for index, _ in mine]
+        results[task.name] = {
+            "metric": task.metric,
+            "score": score(task.metric, predicted, references) if mine else float("nan"),
+            "examples": len(mine),
+            "samples": [{"prediction": p, "reference": r} for p, r in list(zip(predicted, references))[:3]],
+        }
     return results
 
 
