@@ -185,12 +185,9 @@ def evaluate_run(
     model_dir = root / f"stage{index + 1}" / "model"
     if not (model_dir / "mta_config.json").is_file():
         raise FileNotFoundError(f"{model_dir} does not exist: stage {names[index]!r} has not finished")
-    from transformers import AutoTokenizer
+    from alter_ds.mta.backbone import load_tokenizer
 
-    options = {"gguf_file": config.model.gguf_file} if config.model.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, **options)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config.model)
     model = MTAModel.from_pretrained(model_dir)
     examples = {t.name: load_split(t, split, config.data.root, config.seed).examples for t in config.tasks}
     results = evaluate(

@@ -40,6 +40,7 @@ from alter_ds.data.multitask import MultiTaskData, TrainBatches
 from alter_ds.data.tasks import load_split
 from alter_ds.evaluate import evaluate, format_results
 from alter_ds.logs import RunLogger
+from alter_ds.mta.backbone import is_seq2seq, load_tokenizer
 from alter_ds.mta.model import MTAModel, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,16 +100,6 @@ def deepspeed_config(config: ExperimentConfig, world_size: int, accelerator: str
     )
     ds.setdefault("zero_optimization", {"stage": 2})
     return ds
-
-
-def load_tokenizer(config: ExperimentConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    options = {"gguf_file": config.model.gguf_file} if config.model.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path, **options)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def selected_stages(config: ExperimentConfig, choice: str) -> list[int]:
@@ -464,12 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     stop = StopRequest().install()
-    tokenizer = load_tokenizer(config)
-    from transformers import AutoConfig
-
-    options = {"gguf_file": config.model.gguf_file} if config.model.gguf_file else {}
-    hf_config = AutoConfig.from_pretrained(config.model.name_or_path, **options)
-    seq2seq = config.model.kind == "seq2seq" or (config.model.kind == "auto" and bool(hf_config.is_encoder_decoder))
+    tokenizer = load_tokenizer(config.model)
+    seq2seq = is_seq2seq(config.model)
     env = {
         "rank": rank,
         "world": world,

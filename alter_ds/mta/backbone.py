@@ -12,8 +12,12 @@ from alter_ds.config import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def is_encoder_decoder(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+def _hub_options(config: ModelConfig) -> dict[str, Any]:
+    """What ``from_pretrained`` needs besides the name: revision and GGUF file, when given."""
+    options: dict[str, Any] = {"revision": config.revision} if config.revision else {}
+    if config.gguf_file:
+        options["gguf_file"] = config.gguf_file
+    return options
 
 
 def model_class_for(kind: str, hf_config: Any) -> Any:
@@ -29,9 +33,7 @@ def load_backbone(config: ModelConfig) -> nn.Module:
     """The pretrained model named by ``config``; a GGUF checkpoint is dequantised and made serialisable."""
     from transformers import AutoConfig
 
-    options: dict[str, Any] = {"revision": config.revision} if config.revision else {}
-    if config.gguf_file:
-        options["gguf_file"] = config.gguf_file
+    options = _hub_options(config)
     try:
         hf_config = AutoConfig.from_pretrained(config.name_or_path, **options)
     except (OSError, ValueError) as error:
@@ -55,3 +57,22 @@ def backbone_from_config_dir(path: str) -> nn.Module:
 
     hf_config = AutoConfig.from_pretrained(path)
     return model_class_for("auto", hf_config).from_config(hf_config)  # type: ignore[no-any-return]
+
+
+def is_seq2seq(config: ModelConfig) -> bool:
+    """Whether the configured model is encoder-decoder (``kind``, or its Hugging Face config when ``auto``)."""
+    if config.kind != "auto":
+        return config.kind == "seq2seq"
+    from transformers import AutoConfig
+
+    return bool(AutoConfig.from_pretrained(config.name_or_path, **_hub_options(config)).is_encoder_decoder)
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The model's tokenizer, with a pad token (the eos token when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, **_hub_options(config))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
