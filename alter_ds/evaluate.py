@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from alter_ds.config import TaskConfig
-from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator, TokenizedExample, _truncate, tokenize_example
+from alter_ds.data.collate import MultiTaskCollator, TokenizedExample, token_losses, tokenize_example, truncate
 from alter_ds.data.tasks import Example
 from alter_ds.metrics import score
 
@@ -61,12 +60,9 @@ def _score_labels(
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(_device(model)) for k, v in collator(pairs[start : start + batch_size]).items()}
         labels = batch.pop("labels")
-        logits = model(**batch, labels=labels).logits.float() if seq2seq else model(**batch).logits.float()
-        if not seq2seq:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        mask = labels != IGNORE_INDEX
-        token_logprobs = -F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-        scores += ((token_logprobs * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
+        logits = model(**batch, labels=labels).logits if seq2seq else model(**batch).logits
+        losses, mask = token_losses(logits, labels, seq2seq)
+        scores += (-(losses * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
     predictions, offset = [], 0
     for options in candidates:
         chunk = scores[offset : offset + len(options)]
@@ -89,7 +85,7 @@ def _generate(
         prompts = []
         for task_id, _, example in chunk:
             task = tasks[task_id]
-            ids = _truncate(tokenizer(example.prompt)["input_ids"], task.max_input_tokens, task.truncation)
+            ids = truncate(tokenizer(example.prompt)["input_ids"], task.max_input_tokens, task.truncation)
             prompts.append(TokenizedExample(task_id, ids, ids, len(ids)))
         batch = collator(prompts)
         limits = [tasks[task_id].max_target_tokens for task_id, _, _ in chunk]
@@ -173,7 +169,7 @@ def evaluate_run(
     from pathlib import Path
 
     from alter_ds.config import ExperimentConfig, load_config
-    from alter_ds.data.tasks import load_split
+    from alter_ds.data.tasks import split_examples
     from alter_ds.mta.model import MTAModel
 
     root = Path(run_dir)
@@ -189,7 +185,7 @@ def evaluate_run(
 
     tokenizer = load_tokenizer(config.model)
     model = MTAModel.from_pretrained(model_dir)
-    examples = {t.name: load_split(t, split, config.data.root, config.seed).examples for t in config.tasks}
+    examples = split_examples(config.tasks, split, config.data.root, config.seed)
     results = evaluate(
         model,
         tokenizer,

@@ -35,9 +35,9 @@ from alter_ds.checkpoint import (
     save_checkpoint,
 )
 from alter_ds.config import ExperimentConfig, StageConfig, load_config, save_config
-from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator
+from alter_ds.data.collate import MultiTaskCollator, token_losses
 from alter_ds.data.multitask import MultiTaskData, TrainBatches
-from alter_ds.data.tasks import load_split
+from alter_ds.data.tasks import split_examples
 from alter_ds.evaluate import evaluate, format_results
 from alter_ds.logs import RunLogger
 from alter_ds.mta.backbone import is_seq2seq, load_tokenizer
@@ -167,18 +167,11 @@ def per_task_loss(
     logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, seq2seq: bool
 ) -> torch.Tensor:
     """``[2, tasks]``: summed token loss and token count of each task in the micro-batch (for logging)."""
-    if not seq2seq:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0), reduction="none")
+    losses, mask = token_losses(logits, labels, seq2seq)
     sums = torch.zeros(2, num_tasks)
     sums[0].index_add_(0, task_ids.cpu(), (losses * mask).sum(1).detach().cpu())
     sums[1].index_add_(0, task_ids.cpu(), mask.sum(1).float().cpu())
     return sums
-
-
-def dev_examples(config: ExperimentConfig, split: str) -> dict[str, list[Any]]:
-    return {t.name: load_split(t, split, config.data.root, config.seed).examples for t in config.tasks}
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -466,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "stop": stop,
         "run_dir": run_dir,
         "train_data": MultiTaskData.load(config.tasks, tokenizer, seq2seq, "train", config.data.root, config.seed),
-        "dev": dev_examples(config, "dev"),
+        "dev": split_examples(config.tasks, "dev", config.data.root, config.seed),
         "logger": RunLogger(run_dir / "tb", rank, config.task_names()),
     }
     summaries = [train_stage(config, index, run_dir, args, env) for index in selected_stages(config, args.stage)]

@@ -28,7 +28,17 @@ class TokenizedExample:
     prompt_length: int  # decoder-only: tokens of the prompt at the start of input_ids
 
 
-def _truncate(ids: list[int], limit: int, side: str) -> list[int]:
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy ``[B, T]`` and the mask of target tokens, for labels laid out as above
+    (decoder-only logits predict the next token, so they are shifted against the labels)."""
+    if not seq2seq:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0), reduction="none")
+    return losses, mask
+
+
+def truncate(ids: list[int], limit: int, side: str) -> list[int]:
     if len(ids) <= limit:
         return ids
     return ids[-limit:] if side == "left" else ids[:limit]
@@ -40,14 +50,14 @@ def tokenize_example(
     """One example's token ids and labels for the model kind (see the module docstring)."""
     eos = tokenizer.eos_token_id
     if seq2seq:
-        prompt_ids = _truncate(tokenizer(prompt)["input_ids"], task.max_input_tokens, task.truncation)
+        prompt_ids = truncate(tokenizer(prompt)["input_ids"], task.max_input_tokens, task.truncation)
         target_ids = tokenizer(text_target=target)["input_ids"]
         if eos is not None and (not target_ids or target_ids[-1] != eos):
             target_ids = [*target_ids, eos]
         target_ids = target_ids[: task.max_target_tokens]
         return TokenizedExample(task_id, prompt_ids, target_ids, len(prompt_ids))
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    prompt_ids = _truncate(prompt_ids, task.max_input_tokens, task.truncation)
+    prompt_ids = truncate(prompt_ids, task.max_input_tokens, task.truncation)
     target_ids = tokenizer(task.target_prefix + target, add_special_tokens=False)["input_ids"]
     target_ids = target_ids[: task.max_target_tokens - (1 if eos is not None else 0)]
     if eos is not None:

@@ -172,6 +172,13 @@ def load_split(task: TaskConfig, split: str, root: str | Path = ".", seed: int =
     return data
 
 
+def split_examples(
+    tasks: list[TaskConfig], split: str, root: str | Path = ".", seed: int = 0
+) -> dict[str, list[Example]]:
+    """Every task's examples of one split, keyed by task name (what evaluation reads)."""
+    return {task.name: load_split(task, split, root, seed).examples for task in tasks}
+
+
 def check_unique_names(tasks: list[TaskConfig]) -> None:
     seen: set[str] = set()
     for task in tasks:
