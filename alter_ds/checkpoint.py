@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -152,15 +153,25 @@ def _create_adam_state(engine: Any, step: int) -> None:
         link()
 
 
-def checkpoint_world_size(directory: Path) -> int | None:
-    """The number of data-parallel ranks that wrote the latest checkpoint in ``directory`` (None if none)."""
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """What a run must know of its latest checkpoint before building its engine."""
+
+    tag: str
+    world_size: int  # data-parallel ranks that wrote it
+    fingerprint: str | None
+
+
+def latest_checkpoint(directory: Path) -> SavedCheckpoint | None:
+    """The latest checkpoint in ``directory`` (None if there is none), read once from its model-states file."""
     tag = latest_tag(directory)
     if tag is None:
         return None
     states = directory / tag / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise CheckpointError(f"{directory / tag} is incomplete: {states.name} is missing")
-    return int(torch.load(states, map_location="cpu", weights_only=False)["dp_world_size"])
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    return SavedCheckpoint(tag, int(saved["dp_world_size"]), saved.get("fingerprint"))
 
 
 def _exclude_tied_frozen_weights(engine: Any) -> None:
@@ -217,8 +228,9 @@ def save_checkpoint(engine: Any, directory: Path, tag: str, client_state: dict[s
         dist.barrier()
 
 
-def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """Resume from ``latest`` in ``directory``: engine state, this rank's RNG; returns the client state.
+def load_checkpoint(engine: Any, directory: Path, saved: SavedCheckpoint, expected_fingerprint: str) -> dict[str, Any]:
+    """Resume from ``saved`` (``latest_checkpoint(directory)``): engine state, this rank's RNG; returns the
+    client state.
 
     On the world size that wrote it, DeepSpeed restores its own partitions exactly; on another one the module
     and schedule come from DeepSpeed's files and the fp32 weights and Adam moments are merged from every saved
@@ -226,18 +238,15 @@ def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> 
     """
     import torch.distributed as dist
 
-    tag = latest_tag(directory)
-    if tag is None:
-        return None
+    tag = saved.tag
     world = dist.get_world_size() if dist.is_initialized() else 1
-    saved = torch.load(directory / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    if saved.get("fingerprint") != expected_fingerprint:  # before DeepSpeed tries to load mismatched shapes
+    if saved.fingerprint != expected_fingerprint:  # before DeepSpeed tries to load mismatched shapes
         raise CheckpointError(
             f"{directory / tag} was written by another model, task list or stage config "
-            f"(fingerprint {saved.get('fingerprint')} != {expected_fingerprint}); "
+            f"(fingerprint {saved.fingerprint} != {expected_fingerprint}); "
             f"use a new run_name or --resume none"
         )
-    same_world = int(saved["dp_world_size"]) == world
+    same_world = saved.world_size == world
     _, client_state = engine.load_checkpoint(
         str(directory),
         tag=tag,
@@ -245,10 +254,10 @@ def load_checkpoint(engine: Any, directory: Path, expected_fingerprint: str) -> 
         load_optimizer_states=same_world,
         load_lr_scheduler_states=True,
     )
-    if not same_world and client_state is not None:
-        apply_trainable_state(engine, whole_trainable_state(directory, tag))
     if client_state is None:
         raise CheckpointError(f"{directory / tag}: DeepSpeed could not load this checkpoint")
+    if not same_world:
+        apply_trainable_state(engine, whole_trainable_state(directory, tag))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = directory / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():

@@ -29,8 +29,8 @@ import torch
 from alter_ds.checkpoint import (
     CheckpointError,
     StopRequest,
-    checkpoint_world_size,
     fingerprint,
+    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -199,9 +199,9 @@ def train_stage(
     if rank == 0:
         print(f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}")
         print(model.format_parameter_counts())
-    saved_world = checkpoint_world_size(checkpoints) if args.resume == "auto" else None
-    if saved_world is not None and saved_world != world:
-        config = _keep_global_batch(config, saved_world, world, rank)
+    saved = latest_checkpoint(checkpoints) if args.resume == "auto" else None
+    if saved is not None and saved.world_size != world:
+        config = _keep_global_batch(config, saved.world_size, world, rank)
     ds_config = deepspeed_config(config, world, accelerator)
     optimizer, schedule = optimizer_and_schedule(model, stage, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
@@ -223,13 +223,12 @@ def train_stage(
         }
     )
     step = 0
-    if args.resume == "auto":
-        state = load_checkpoint(engine, checkpoints, stamp)
-        if state is not None:
-            step = int(state["step"])
-            batches.load_state_dict(state["sampler"])
-            if rank == 0:
-                print(f"resumed stage {stage.name} from step {step} ({checkpoints})")
+    if saved is not None:
+        state = load_checkpoint(engine, checkpoints, saved, stamp)
+        step = int(state["step"])
+        batches.load_state_dict(state["sampler"])
+        if rank == 0:
+            print(f"resumed stage {stage.name} from step {step} ({checkpoints})")
 
     def checkpoint() -> None:
         client = {"step": step, "sampler": batches.state_dict(), "fingerprint": stamp, "stage": stage.name}
