@@ -122,6 +122,12 @@ def losses(run_dir, stage="stage1"):
     return found
 
 
+def assert_losses_continue(resumed, reference, resumed_from, tolerance):
+    """Every step after the resume point has the uninterrupted run's loss (relative and absolute tolerance)."""
+    for step in range(resumed_from + 1, STAGE1_STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=tolerance, abs=tolerance), step
+
+
 def wait_for_step(run_dir, step, process, timeout=300):
     deadline = time.time() + timeout
     path = run_dir / "stage1" / "metrics.jsonl"
@@ -216,8 +222,7 @@ def test_kill_9_mid_stage_then_resume_repeats_the_uninterrupted_losses(workspace
     assert code == 0, out[-4000:]
     assert f"resumed stage stage1 from step {resumed_from}" in out
     again = losses(output / "tiny")
-    for step in range(resumed_from + 1, STAGE1_STEPS + 1):
-        assert again[step] == pytest.approx(reference[step], rel=LOSS_TOLERANCE, abs=LOSS_TOLERANCE), step
+    assert_losses_continue(again, reference, resumed_from, LOSS_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -243,8 +248,7 @@ def test_preemption_signal_checkpoints_exits_zero_and_resumes(workspace, full_ru
     assert code == 0 and f"resumed stage stage1 from step {saved}" in out
     again = losses(output / "tiny")
     assert sorted(again) == list(range(1, STAGE1_STEPS + 1))
-    for step in range(saved + 1, STAGE1_STEPS + 1):
-        assert again[step] == pytest.approx(reference[step], rel=LOSS_TOLERANCE, abs=LOSS_TOLERANCE), step
+    assert_losses_continue(again, reference, saved, LOSS_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -260,8 +264,7 @@ def test_resume_a_two_rank_checkpoint_on_one_rank(workspace, full_run):
     assert "resuming a 2-rank checkpoint on 1 rank(s): gradient accumulation 2" in out
     assert "resumed stage stage1 from step 40" in out
     again = losses(workspace / "one-rank" / "tiny")
-    for step in range(41, STAGE1_STEPS + 1):
-        assert again[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), step
+    assert_losses_continue(again, reference, 40, 1e-4)
 
 
 @pytest.mark.slow
