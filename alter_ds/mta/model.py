@@ -33,7 +33,7 @@ from alter_ds.config import (
     config_from_dict,
 )
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
-from alter_ds.mta.experts import ExpertBank, FeedForwardWeights
+from alter_ds.mta.experts import ExpertBank, FeedForwardWeights, stacked_weights
 from alter_ds.mta.inject import inject_mta
 from alter_ds.mta.routers import ExpertLayout, GateRouter, TaskLevelRouter, TokenRouter, frozen_config
 
@@ -536,17 +536,14 @@ class MTAModel(nn.Module):
 
 
 def _concat_banks(banks: list[ExpertBank]) -> ExpertBank:
+    """One bank holding the experts of ``banks`` in order (task experts, then shared ones), as a copy."""
     if len(banks) == 1:
         return banks[0]
-    total = sum(b.num_experts for b in banks)
-    combined = banks[0].resized(total)
-    offset = banks[0].num_experts
+    combined = banks[0].resized(sum(b.num_experts for b in banks))
     with torch.no_grad():
-        for bank in banks[1:]:
-            for new, old in zip(combined.weights(), bank.weights()):
-                if new is not None and old is not None:
-                    new[offset : offset + bank.num_experts].copy_(old)
-            offset += bank.num_experts
+        for target, source in zip(combined.weights(), stacked_weights(banks)):
+            if target is not None and source is not None:
+                target.copy_(source)
     return combined
 
 
