@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -360,6 +361,11 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         require(bool(self.tasks), "tasks", "list at least one task")
+        require(
+            bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name)),
+            "run_name",
+            f"{self.run_name!r} must be a plain directory name (letters, digits, '.', '_', '-')",
+        )
         names = [task.name for task in self.tasks]
         for index, name in enumerate(names):
             require(name not in names[:index], ("tasks", index, "name"), f"duplicate task name {name!r}")

@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage", default="all", help="1, 2, ... or a stage name, or all (default)")
     parser.add_argument("--resume", default="auto", choices=["auto", "none"], help="resume from the latest checkpoint")
     parser.add_argument("--output-dir", default=None, help="override training.output_dir")
+    parser.add_argument("--run-name", default=None, help="override run_name (the run directory's name)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_args(argv)
 
@@ -115,12 +116,16 @@ def selected_stages(config: ExperimentConfig, choice: str) -> list[int]:
     raise TrainingError(f"--stage {choice}: choose 1..{len(names)}, a stage name {names}, or all")
 
 
+def _stage_dir_name(config: ExperimentConfig, name: str) -> str:
+    return f"stage{[s.name for s in config.stages].index(name) + 1}"
+
+
 def stage_model(config: ExperimentConfig, index: int, run_dir: Path) -> MTAModel:
     """The model a stage starts from: the backbone, or the model an earlier stage exported."""
     stage = config.stages[index]
     if stage.init_from is None:
         return build_model(config)
-    source = run_dir / f"stage{[s.name for s in config.stages].index(stage.init_from) + 1}" / "model"
+    source = run_dir / _stage_dir_name(config, stage.init_from) / "model"
     if not (source / "mta_config.json").is_file():
         raise TrainingError(
             f"stage {stage.name!r} starts from stage {stage.init_from!r}, but {source} does not exist: "
@@ -197,7 +202,15 @@ def train_stage(
     model = stage_model(config, index, run_dir)
     counts = model.apply_stage(stage)
     if rank == 0:
-        print(f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}")
+        origin = (
+            "the backbone"
+            if stage.init_from is None
+            else str(run_dir / _stage_dir_name(config, stage.init_from) / "model")
+        )
+        print(
+            f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}; "
+            f"starts from {origin}"
+        )
         print(model.format_parameter_counts())
     saved = latest_checkpoint(checkpoints) if args.resume == "auto" else None
     if saved is not None and saved.world_size != world:
@@ -441,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     config: ExperimentConfig = load_config(args.config)
     if args.output_dir:
         config.training.output_dir = args.output_dir
+    if args.run_name:
+        config.run_name = args.run_name
+        config.validate()
     rank, world, accelerator = init_distributed()
     run_dir = Path(config.training.output_dir) / config.run_name
     if rank == 0:

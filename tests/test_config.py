@@ -100,3 +100,10 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="routes: a fixed router needs routes"):
         config_from_dict(RouterConfig, {"kind": "fixed"})
     assert config_from_dict(MTAConfig, {"expert_kind": "ffn"}).resolved_position() == "replace_ffn"
+
+
+def test_run_name_must_be_a_plain_directory_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_name: ../elsewhere\nmodel: {name_or_path: m}\ntasks: [{name: a, builder: b}]\n")
+    with pytest.raises(ConfigError, match=r"run_name.*plain directory name"):
+        load_config(path)

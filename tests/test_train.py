@@ -4,7 +4,6 @@ resume after kill -9 or a preemption signal reproducing the uninterrupted losses
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,9 +17,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_experiment import task_specs, write_tiny_experiment
 from tiny_models import tiny_backbone, tiny_tokenizer
-
-from alter_ds.data.synthetic import synthetic_tasks
 
 pytest.importorskip("deepspeed")
 psutil = pytest.importorskip("psutil")
@@ -34,48 +32,7 @@ LOSS_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    backbone = tiny_backbone("llama", tie_word_embeddings=True)  # tied like SmolLM2: checkpoints must drop both
-    with torch.no_grad():  # a wider output layer than the 0.02 init lets adapters move the logits within 60 steps
-        backbone.lm_head.weight.mul_(20)
-    backbone.save_pretrained(root / "tiny-llama")
-    tiny_tokenizer().save_pretrained(root / "tiny-llama")
-    fields = ("name", "category", "builder", "template", "target_field", "labels", "metric")
-    tasks = [
-        {k: v for k, v in dataclasses.asdict(t).items() if k in fields} for t in synthetic_tasks(["string", "rule"])
-    ]
-    for task in tasks:
-        task["max_examples"] = {"dev": 8}
-    config = {
-        "run_name": "tiny",
-        "model": {"name_or_path": str(root / "tiny-llama")},
-        "tasks": tasks,
-        "mta": {"expert_kind": "bottleneck", "bottleneck_dim": 8, "num_shared_experts": 1},
-        "training": {
-            "micro_batch_size": 4,
-            "log_every": 1,
-            "checkpoint_every": 10,
-            "warmup_steps": 2,
-            "keep_checkpoints": 3,
-        },
-        "stages": [
-            {
-                "name": "stage1",
-                "router": {"kind": "hard"},
-                "train": ["task_experts", "shared_experts"],
-                "lr": 3e-2,
-                "steps": STAGE1_STEPS,
-            },
-            {
-                "name": "stage2",
-                "init_from": "stage1",
-                "train": ["router"],
-                "lr": 5e-2,
-                "steps": 10,
-                "router": {"kind": "task_weights", "prior_assigned": 4.0, "prior_other": 0.0},
-            },
-        ],
-    }
-    (root / "cfg.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_tiny_experiment(root, STAGE1_STEPS)
     return root
 
 
@@ -312,10 +269,7 @@ def test_alter_paper_recipe_on_a_seq2seq_model(tmp_path):
     tiny_backbone("t5").save_pretrained(tmp_path / "tiny-t5")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny-t5")
     preset = yaml.safe_load((REPO / "configs" / "alter-paper.yaml").read_text())
-    fields = ("name", "category", "builder", "template", "target_field", "labels", "metric")
-    tasks = [
-        {k: v for k, v in dataclasses.asdict(t).items() if k in fields} for t in synthetic_tasks(["arithmetic", "rule"])
-    ]
+    tasks = task_specs(["arithmetic", "rule"])
     for task in tasks:
         task["max_examples"] = {"dev": 4}
     preset.update(
