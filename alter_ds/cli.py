@@ -104,6 +104,12 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_extension(args: argparse.Namespace) -> int:
+    from alter_ds.ops import build
+
+    return build.main(["--verbose"] if args.verbose else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alter-ds", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluation.add_argument("--split", default="test", choices=["dev", "test"])
     evaluation.add_argument("--max-examples", type=int, default=None, help="per task")
     evaluation.set_defaults(run=_evaluate_run)
+    extension = commands.add_parser("build-ext", help="compile the grouped adapter kernels now instead of on first use")
+    extension.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    extension.set_defaults(run=_build_extension)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

@@ -20,16 +20,24 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_path):
+@pytest.mark.parametrize("implementation, port", [("reference", 29517), ("cpp", 29519)])
+def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_path, implementation, port):
+    """``cpp`` forces the compiled op (an error if it is not built), ``reference`` the PyTorch one."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is installed with the package"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(HERE.parent),
+        ALTER_DS_GROUPED_ADAPTER=implementation,
+    )
     command = [
         launcher,
         "--num_gpus",
         "2",
         "--master_port",
-        "29517",
+        str(port),
         str(HERE / "zero2_gradients.py"),
         "--out",
         str(tmp_path),

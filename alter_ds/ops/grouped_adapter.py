@@ -139,13 +139,18 @@ def grouped_adapter_reference(
     rows = x[token_index]
     hidden = _segment_matmul(rows, group, counts, w_down)
     if b_down is not None:
-        hidden = hidden + b_down[group]
+        # Biases enter through matmuls with the routing, not gathers: the gradient of b[group] would be an
+        # index_add summed in the parameters' dtype (bf16 loses several percent over a few thousand tokens),
+        # while a matmul's gradient accumulates in fp32.
+        hidden = hidden + F.one_hot(group, num_experts).to(hidden.dtype) @ b_down
     hidden = apply_activation(hidden, activation)
     out = _segment_matmul(hidden, group, counts, w_up)
+    weights = expert_weights.reshape(-1)[order].to(out.dtype)
+    y = x.new_zeros(n_tokens, x.shape[1]).index_add(0, token_index, out * weights.unsqueeze(-1))
     if b_up is not None:
-        out = out + b_up[group]
-    out = out * expert_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-    return x.new_zeros(n_tokens, x.shape[1]).index_add(0, token_index, out)
+        mixture = x.new_zeros(n_tokens, num_experts).index_put((token_index, group), weights, accumulate=True)
+        y = y + mixture @ b_up
+    return y
 
 
 def grouped_adapter_loop(
@@ -184,10 +189,18 @@ def selected_implementation() -> str:
 
 
 def _native_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
-    """The registered C++/CUDA op when it is built and loaded for this device, else None."""
-    namespace = getattr(torch.ops, "alter_ds", None)
-    op = getattr(namespace, "grouped_adapter", None) if namespace is not None else None
-    return op if op is not None and device.type in ("cpu", "cuda") else None
+    """The compiled C++/CUDA op for this device, building it on first use; None when it is unavailable."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    from alter_ds.ops import build, kernels
+
+    if not build.load_extension() or not kernels.has_kernel(device.type):
+        return None
+
+    def run(*args: object) -> torch.Tensor:
+        return torch.ops.alter_ds.grouped_adapter(*args)[0]
+
+    return run
 
 
 def grouped_adapter(
@@ -206,14 +219,18 @@ def grouped_adapter(
     """
     check_grouped_adapter_args(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
     choice = selected_implementation()
+    if choice in ("cpp", "cuda") and x.device.type != {"cpp": "cpu", "cuda": "cuda"}[choice]:
+        raise ValueError(
+            f"{IMPLEMENTATION_ENV}={choice} runs on {choice.replace('cpp', 'cpu')} tensors, got {x.device}"
+        )
     if choice in ("auto", "cpp", "cuda"):
         kernel = _native_kernel(x.device)
         if kernel is not None:
             return kernel(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
         if choice != "auto":
             raise RuntimeError(
-                f"{IMPLEMENTATION_ENV}={choice} but the compiled op is not loaded for {x.device.type}; "
-                f"unset it to use the PyTorch reference"
+                f"{IMPLEMENTATION_ENV}={choice} but the compiled op is not available for {x.device.type} "
+                f"(see the build warning above); unset it to fall back to the PyTorch reference"
             )
     return grouped_adapter_reference(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
 

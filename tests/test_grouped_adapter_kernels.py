@@ -1,0 +1,196 @@
+"""The compiled grouped adapter op (csrc/: C++ on CPU, CUDA on GPUs) against the loop oracle: forward and every
+gradient on awkward shapes and routings, fp64 gradcheck, bf16/fp16 with accumulation in fp32, the op's
+registration (schema, fake tensors, autograd) under opcheck and torch.compile, and the build's fallback.
+
+CUDA cases carry the ``gpu`` marker and skip without a GPU; everything else runs wherever the C++ extension
+builds (CI builds it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from grouped_inputs import CASES, make_inputs, run
+
+from alter_ds.ops import grouped_adapter, grouped_adapter_loop
+from alter_ds.ops.build import load_extension
+from alter_ds.ops.grouped_adapter import ACTIVATIONS, IMPLEMENTATION_ENV
+from alter_ds.ops.kernels import has_kernel
+
+REPO = Path(__file__).resolve().parents[1]
+GRAD_NAMES = ["x", "ids", "weights", "w_down", "b_down", "w_up", "b_up"]
+
+KERNEL_CASES = {
+    **CASES,
+    "experts_without_tokens": dict(n=5, d=4, r=2, experts=6, k=1, ids=torch.tensor([[0], [0], [3], [3], [3]])),
+    "all_on_one_expert": dict(n=40, d=9, r=3, experts=4, k=1, ids=torch.full((40, 1), 2)),
+    "unsorted_k2": dict(n=5, d=5, r=3, experts=4, k=2, ids=torch.tensor([[3, 0], [1, 2], [0, 3], [2, 2], [1, 0]])),
+    "one_token_segments": dict(n=6, d=10, r=2, experts=6, k=1, ids=torch.tensor([[5], [2], [0], [4], [1], [3]])),
+    "many_chunks": dict(n=2500, d=24, r=4, experts=3, k=2),  # segments longer than one 1024-row chunk
+}
+
+
+def _device_params():
+    gpu = pytest.mark.gpu
+    no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernel tests need a CUDA GPU")
+    return [pytest.param("cpu", id="cpp"), pytest.param("cuda", id="cuda", marks=[gpu, no_cuda])]
+
+
+@pytest.fixture(params=_device_params())
+def device(request, monkeypatch):
+    if not load_extension():
+        pytest.fail("the extension did not build: see the RuntimeWarning (a C++ compiler and ninja are needed)")
+    if not has_kernel(request.param):
+        pytest.skip(f"the loaded extension has no {request.param} kernel (nvcc or a GPU missing at build time)")
+    monkeypatch.setenv(IMPLEMENTATION_ENV, "cpp" if request.param == "cpu" else "cuda")
+    return request.param
+
+
+def on(device, tensors):
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+def assert_matches_oracle(device, tensors, act, rtol, atol):
+    """Kernel in the inputs' dtype against the loop oracle in float64 on the same values."""
+    y, grads = run(grouped_adapter, on(device, tensors), act)
+    exact = [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
+    y_ref, grads_ref = run(grouped_adapter_loop, exact, act)
+    assert y.dtype == tensors[0].dtype
+    torch.testing.assert_close(y.cpu().double(), y_ref, rtol=rtol, atol=atol)
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got is not None and got.dtype == tensors[GRAD_NAMES.index(name)].dtype, name
+        torch.testing.assert_close(
+            got.cpu().double(), want, rtol=rtol, atol=atol, msg=lambda m, n=name: f"grad of {n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_kernel_matches_loop_in_float64(device, case, activation):
+    tensors, act = make_inputs(**KERNEL_CASES[case], activation=activation, dtype=torch.float64)
+    assert_matches_oracle(device, tensors, act, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_kernel_matches_loop_in_float32(device, case):
+    # fp32 rounding of sums over up to 5000 rows (weight gradients of many_chunks): 1e-4 relative covers it
+    tensors, act = make_inputs(**KERNEL_CASES[case], activation="gelu", dtype=torch.float32)
+    assert_matches_oracle(device, tensors, act, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_half_precision_accumulates_in_float32(device, dtype, activation):
+    """Inputs rounded to bf16/fp16, then compared with the fp64 oracle on the same rounded values: what is left
+    is the rounding of the outputs and of the pre-activation, not of sums over 3000 tokens (bias gradients sum
+    over every token of an expert; summed in bf16 they would be off by several percent)."""
+    tensors, act = make_inputs(n=3000, d=40, r=8, experts=4, k=2, activation=activation, dtype=torch.float64)
+    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    y, grads = run(grouped_adapter, on(device, low), act)
+    exact = [t.double() if t is not None and t.is_floating_point() else t for t in low]
+    y_ref, grads_ref = run(grouped_adapter_loop, exact, act)
+    for name, got, want in [("y", y, y_ref), *zip(GRAD_NAMES, grads, grads_ref)]:
+        if want is None:
+            continue
+        assert got.dtype == dtype, name
+        error = (got.cpu().double() - want).abs().max() / want.abs().max()
+        assert error < 1e-2, f"{name}: max error {error:.2e} of the largest value"
+
+
+def test_no_tokens_gives_an_empty_output_and_zero_weight_gradients(device):
+    tensors, act = make_inputs(n=0, d=8, r=2, experts=3, k=1, dtype=torch.float32)
+    y, grads = run(grouped_adapter, on(device, tensors), act)
+    assert y.shape == (0, 8)
+    for name, grad, tensor in zip(GRAD_NAMES, grads, tensors):
+        if name != "ids":
+            assert grad is not None and grad.shape == tensor.shape and not grad.any(), name
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "silu"])
+def test_gradcheck_float64(device, activation):
+    tensors, act = make_inputs(n=7, d=5, r=2, experts=3, k=2, activation=activation)
+    leaves = tuple(t.to(device).requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors)
+    assert torch.autograd.gradcheck(lambda *a: grouped_adapter(*a, act), leaves, eps=1e-6, atol=1e-7)
+
+
+def test_opcheck_schema_fake_and_autograd_registration(device):
+    tensors, act = make_inputs(n=9, d=6, r=3, experts=3, k=2, activation="geglu", dtype=torch.float32)
+    leaves = [t.to(device).requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+    torch.library.opcheck(torch.ops.alter_ds.grouped_adapter.default, (*leaves, act))
+    no_bias = list(leaves)
+    no_bias[4] = no_bias[6] = None
+    torch.library.opcheck(torch.ops.alter_ds.grouped_adapter.default, (*no_bias, act))
+
+
+def test_torch_compile_matches_eager(device):
+    tensors, act = make_inputs(n=20, d=8, r=4, experts=4, k=2, activation="swiglu", dtype=torch.float32)
+
+    def op(x, ids, weights, w_down, b_down, w_up, b_up):
+        return torch.ops.alter_ds.grouped_adapter(x, ids, weights, w_down, b_down, w_up, b_up, act)[0].tanh()
+
+    compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
+    y, grads = run(lambda *a: compiled(*a[:-1]), on(device, tensors), act)
+    y_eager, grads_eager = run(lambda *a: op(*a[:-1]), on(device, tensors), act)
+    torch.testing.assert_close(y, y_eager)
+    for got, want in zip(grads, grads_eager):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want)
+
+
+def test_the_kernel_is_the_path_taken_when_forced(device, monkeypatch):
+    tensors, act = make_inputs(n=4, d=4, r=2, experts=2, k=1, dtype=torch.float32)
+    leaves = [t.to(device).requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+    assert "alter_ds_grouped_adapter" in type(grouped_adapter(*leaves, act).grad_fn).__name__
+    monkeypatch.setenv(IMPLEMENTATION_ENV, "reference")
+    assert "alter_ds" not in type(grouped_adapter(*leaves, act).grad_fn).__name__
+    monkeypatch.setenv(IMPLEMENTATION_ENV, "cuda" if device == "cpu" else "cpp")
+    with pytest.raises(ValueError, match="runs on"):
+        grouped_adapter(*leaves, act)
+
+
+def test_the_kernel_rejects_ids_out_of_range_itself(device):
+    """The Python wrapper checks first; the op called directly must still refuse, not read out of bounds."""
+    tensors, act = make_inputs(n=3, d=4, r=2, experts=2, k=1, ids=torch.tensor([[0], [2], [1]]), dtype=torch.float32)
+    if device == "cuda":
+        pytest.skip("an out-of-range id on CUDA is a device-side assertion, which poisons the CUDA context")
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.alter_ds.grouped_adapter(*on(device, tensors), act)
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_the_reference(tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    script = textwrap.dedent(
+        f"""
+        import warnings
+        from pathlib import Path
+        import torch
+        import alter_ds.ops.build as build
+        from alter_ds.ops import grouped_adapter, grouped_adapter_reference
+        build.CPP_SOURCES = [Path({str(broken)!r})]
+        x = torch.randn(5, 4); ids = torch.tensor([[0], [1], [1], [0], [1]]); w = torch.ones(5, 1)
+        wd, wu = torch.randn(2, 4, 3), torch.randn(2, 3, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = grouped_adapter(x, ids, w, wd, None, wu, None, "relu")
+            grouped_adapter(x, ids, w, wd, None, wu, None, "relu")
+        messages = [str(c.message) for c in caught if "grouped adapter extension" in str(c.message)]
+        assert len(messages) == 1, messages
+        assert "PyTorch reference runs instead" in messages[0], messages[0]
+        assert torch.equal(y, grouped_adapter_reference(x, ids, w, wd, None, wu, None, "relu"))
+        print("fallback ok")
+        """
+    )
+    env = dict(os.environ, ALTER_DS_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(REPO))
+    env.pop(IMPLEMENTATION_ENV, None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
