@@ -21,8 +21,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check alter_ds tests
+	$(BIN)/ruff check alter_ds tests benchmarks
 	$(BIN)/mypy
+	@if command -v shellcheck >/dev/null; then shellcheck -x slurm/*.sh tests/slurm/cluster.sh .ci/run .ci/*.sh; \
+	else echo "shellcheck not installed (apt-get install shellcheck): shell scripts not linted"; fi
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix alter_ds tests

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The body of slurm/stage1.sh and slurm/stage2.sh, sourced by them with ALTER_DS_STAGE set.
 #
 # One rank per Slurm task, started by srun: Slurm owns every process (no ssh/pdsh between nodes, which the
@@ -38,6 +39,7 @@ echo "[$(date -Is)] job ${SLURM_JOB_ID} stage ${ALTER_DS_STAGE} restart ${SLURM_
   "accelerator ${DS_ACCELERATOR:-cuda}, config ${config}"
 
 stop_signal=""
+# shellcheck disable=SC2317  # called from the traps below
 forward_stop() {
   stop_signal=$1
   echo "[$(date -Is)] job ${SLURM_JOB_ID} got SIG$1: asking the ranks to checkpoint"
@@ -47,7 +49,8 @@ trap 'forward_stop USR1' USR1
 trap 'forward_stop TERM' TERM
 
 # shellcheck disable=SC2016  # the variables are expanded per task, inside srun
-srun --kill-on-bad-exit=1 bash -c \
+# srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05+): pass it, or each rank gets one core.
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
   'RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS exec "$@"' rank \
   "$python_bin" -m alter_ds.train "${run_args[@]}" "$@" &
 srun_pid=$!

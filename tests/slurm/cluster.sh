@@ -39,7 +39,7 @@ start() {
 
   local cpus memory_mb
   cpus=$(nproc)
-  memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+  memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 8 / 10240 ))
   cat > "$dir/slurm.conf" <<CONF
 ClusterName=alterds-test
 SlurmctldHost=localhost
