@@ -97,7 +97,7 @@ def test_unknown_activation_and_forced_missing_implementation(monkeypatch):
 
 def test_forcing_a_kernel_that_did_not_build_is_a_clear_error(monkeypatch):
     tensors, _ = make_inputs(n=2, d=4, r=2, experts=3, k=1, dtype=torch.float32)
-    monkeypatch.setattr(build, "_loaded", False)  # as after a failed build
+    monkeypatch.setattr(build, "_loaded", {"cpu": False, "cuda": False})  # as after failed builds
     monkeypatch.setenv(IMPLEMENTATION_ENV, "cpp")
     with pytest.raises(RuntimeError, match="not available for cpu"):
         grouped_adapter(*tensors, "relu")

@@ -18,7 +18,7 @@ import torch
 from grouped_inputs import CASES, make_inputs, run
 
 from alter_ds.ops import grouped_adapter, grouped_adapter_loop
-from alter_ds.ops.build import load_extension
+from alter_ds.ops.build import cuda_buildable, load_cuda_extension, load_extension
 from alter_ds.ops.grouped_adapter import ACTIVATIONS, IMPLEMENTATION_ENV
 from alter_ds.ops.kernels import has_kernel
 
@@ -45,8 +45,12 @@ def _device_params():
 def device(request, monkeypatch):
     if not load_extension():
         pytest.fail("the extension did not build: see the RuntimeWarning (a C++ compiler and ninja are needed)")
-    if not has_kernel(request.param):
-        pytest.skip(f"the loaded extension has no {request.param} kernel (nvcc or a GPU missing at build time)")
+    if request.param == "cuda":
+        if not cuda_buildable():
+            pytest.skip("the CUDA kernels need nvcc (CUDA_HOME) and a CUDA build of torch")
+        if not load_cuda_extension():
+            pytest.fail("the CUDA kernels did not build: see the RuntimeWarning")
+    assert has_kernel(request.param)
     monkeypatch.setenv(IMPLEMENTATION_ENV, "cpp" if request.param == "cpu" else "cuda")
     return request.param
 

@@ -188,17 +188,25 @@ def selected_implementation() -> str:
     return choice
 
 
-def _native_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
-    """The compiled C++/CUDA op for this device, building it on first use; None when it is unavailable."""
-    if device.type not in ("cpu", "cuda"):
-        return None
+def _native_kernel(device: torch.device, forced: bool) -> Callable[..., torch.Tensor] | None:
+    """The compiled C++/CUDA op for this device, building it on first use; None when it is unavailable.
+
+    CUDA tensors get the CUDA kernels when forced, or under ``auto`` once they are verified on a GPU
+    (``build.CUDA_KERNELS_VERIFIED``)."""
     from alter_ds.ops import build, kernels
 
-    if not build.load_extension() or not kernels.has_kernel(device.type):
+    if device.type == "cpu":
+        available = build.load_extension()
+    elif device.type == "cuda" and (forced or build.CUDA_KERNELS_VERIFIED):
+        available = build.load_cuda_extension()
+    else:
+        return None
+    if not available or not kernels.has_kernel(device.type):
         return None
 
     def run(*args: object) -> torch.Tensor:
-        return torch.ops.alter_ds.grouped_adapter(*args)[0]
+        contiguous = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        return torch.ops.alter_ds.grouped_adapter(*contiguous)[0]
 
     return run
 
@@ -224,7 +232,7 @@ def grouped_adapter(
             f"{IMPLEMENTATION_ENV}={choice} runs on {choice.replace('cpp', 'cpu')} tensors, got {x.device}"
         )
     if choice in ("auto", "cpp", "cuda"):
-        kernel = _native_kernel(x.device)
+        kernel = _native_kernel(x.device, forced=choice != "auto")
         if kernel is not None:
             return kernel(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
         if choice != "auto":
