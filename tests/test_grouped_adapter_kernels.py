@@ -198,3 +198,38 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_reference(tmp_path):
     env.pop(IMPLEMENTATION_ENV, None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
+
+
+GPU_SHAPES = {
+    "tensor_core_r16": dict(n=3000, d=4096, r=16, experts=16, k=1),
+    "tensor_core_k2_r64": dict(n=1000, d=512, r=64, experts=8, k=2),
+    "tensor_core_r17": dict(n=700, d=256, r=17, experts=4, k=1),
+    "generic_d_4100": dict(n=700, d=4100, r=16, experts=4, k=1),
+    "one_hot_expert": dict(n=2000, d=1024, r=16, experts=4, k=1, ids=torch.zeros(2000, 1, dtype=torch.long)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "relu"])
+@pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
+@pytest.mark.parametrize("path", ["tensor_core_or_generic", "generic"])
+def test_cuda_paths_in_bfloat16_at_model_widths(device, monkeypatch, shape, activation, path):
+    """The tensor-core path (bf16, d % 8 == 0, r <= 64) and the generic kernels (ALTER_DS_CUDA_GENERIC=1)
+    against the fp64 oracle at the widths models use; fp32 expert weights with bf16 x, as routers produce."""
+    if device != "cuda":
+        pytest.skip("the CUDA kernels' paths")
+    if path == "generic":
+        monkeypatch.setenv("ALTER_DS_CUDA_GENERIC", "1")
+    tensors, act = make_inputs(**GPU_SHAPES[shape], activation=activation, dtype=torch.float64)
+    low = [
+        t.to(torch.bfloat16) if t is not None and t.is_floating_point() and i != 2 else t for i, t in enumerate(tensors)
+    ]
+    low[2] = low[2].float()
+    y, grads = run(grouped_adapter, on(device, low), act)
+    exact = [t.double() if t is not None and t.is_floating_point() else t for t in low]
+    y_ref, grads_ref = run(grouped_adapter_loop, exact, act)
+    for name, got, want in [("y", y, y_ref), *zip(GRAD_NAMES, grads, grads_ref)]:
+        if want is None:
+            continue
+        error = (got.cpu().double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+        assert error < 1e-2, f"{name}: max error {error:.2e} of the largest value"
