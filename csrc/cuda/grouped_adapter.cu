@@ -109,8 +109,9 @@ Shape check_args(const at::Tensor& x, const at::Tensor& expert_ids, const at::Te
   s.total = s.n * s.k;
   TORCH_CHECK(s.total < (int64_t{1} << 31), "grouped_adapter: N * k must be < 2^31");
   TORCH_CHECK(s.total == 0 || s.experts >= 1, "grouped_adapter: no experts");
-  // grid.y / grid.z of the generic kernels cover d in blocks of 32 or 64 (at most 65535 blocks)
-  TORCH_CHECK(s.d < (int64_t{1} << 21) && s.rd < (int64_t{1} << 21), "grouped_adapter: d and r' must be < 2^21");
+  // grid.y / grid.z of the generic kernels cover d + 1 (the bias row) in blocks of 32 (at most 65535 blocks)
+  TORCH_CHECK(ceil_div(s.d + 1, 32) <= 65535 && ceil_div(s.rd + 1, 32) <= 65535,
+              "grouped_adapter: d and r' must be below 65535 * 32 - 1");
   return s;
 }
 
@@ -137,7 +138,10 @@ bool use_tensor_cores(const Shape& s, at::ScalarType dtype, std::initializer_lis
 
 template <typename Kernel, typename Args>
 void launch_tc(Kernel kernel, const Args& args, int64_t grid, int smem_bytes, cudaStream_t stream) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  // Allow the device's whole opt-in shared memory rather than this call's size: kernel variants are shared by
+  // several r', and one fixed value cannot race between host threads launching different sizes.
+  const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
   kernel<<<static_cast<unsigned>(grid), tc::kThreads, smem_bytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

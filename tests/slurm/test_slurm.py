@@ -137,10 +137,13 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_saved_step(cluster, experi
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
 
-    # Slurm holds a requeued job for about two minutes (Reason=BeginTime); release it as an operator would.
+    # Slurm holds a requeued job for about two minutes (Reason=BeginTime); release it as an operator would,
+    # but not within the second of the requeue: slurmd refuses a credential issued in the second its job's
+    # previous credential was revoked ("Job credential revoked"), which is what the hold protects against.
     while (fields := job_fields(job, env))["Restarts"] == "0" or fields["JobState"] != "PENDING":
         assert time.time() < deadline and fields["JobState"] not in FINAL_STATES, fields
         time.sleep(0.2)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
     fields = wait_for_end(job, env)
     log = job_log(experiment, "alter-ds-stage1", job)
