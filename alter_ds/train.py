@@ -263,7 +263,7 @@ def train_stage(
     nonfinite_in_a_row, nonfinite_total, step_times = 0, 0, []
     engine.train()
     while step < stage.steps:
-        if env["stop"].requested or _any_rank(env["stop"].requested):
+        if _any_rank(env["stop"].requested):  # every rank, every step: a signal may reach one rank first
             checkpoint()
             if rank == 0:
                 reason = env["stop"].signal_name or "stop"

@@ -194,8 +194,9 @@ def test_preemption_signal_checkpoints_exits_zero_and_resumes(workspace, full_ru
         if any(a.startswith("--local_rank") for a in p.cmdline())
     ]
     assert len(ranks) == 2
-    ranks[0].send_signal(signal.SIGTERM)  # what Slurm sends at preemption/cancel, and the early-warning USR1
-    ranks[1].send_signal(signal.SIGUSR1)
+    # One rank only (what Slurm sends at preemption/cancel; USR1 is the early warning, tested through Slurm):
+    # the other must learn of it through the per-step vote, or the ranks' collectives diverge and hang.
+    ranks[0].send_signal(signal.SIGTERM)
     code, out = finish(process)
     assert code == 0, out[-4000:]
     assert "received: checkpointed stage stage1" in out

@@ -100,13 +100,19 @@ def check_grouped_adapter_args(
 def _segment_matmul(
     rows: torch.Tensor, group: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """rows[i] @ weight[group[i]] for rows sorted by group, as one batched matmul.
+    """rows[i] @ weight[group[i]] for rows sorted by group.
 
-    Rows are scattered into a [E, C, in] buffer (C = the largest group), multiplied with one ``bmm`` and
-    gathered back. Padding costs memory and flops proportional to the skew; the C++/CUDA kernels avoid it.
+    Balanced routing: rows are scattered into a [E, C, in] buffer (C = the largest group) for one ``bmm``.
+    When padding would more than double the work (skewed routing, one hot expert), one matmul per non-empty
+    group instead: a few kernel launches cost less than multiplying E x C rows. Either way the stacked weight
+    gets a dense gradient (zeros for experts without rows). The C++/CUDA kernels need neither.
     """
     num_experts = weight.shape[0]
-    capacity = int(counts.max()) if counts.numel() else 0
+    sizes = counts.tolist()
+    capacity = max(sizes, default=0)
+    if num_experts * capacity > 2 * rows.shape[0] and rows.shape[0] > 0:
+        parts = [chunk @ weight[e] for e, chunk in enumerate(rows.split(sizes)) if chunk.shape[0]]
+        return torch.cat(parts)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(rows.shape[0], device=rows.device) - starts[group]
     padded = rows.new_zeros(num_experts, capacity, rows.shape[1])
