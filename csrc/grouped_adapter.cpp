@@ -58,6 +58,20 @@ SlotSegments segments_of_slot(const int64_t* ids, const Shapes& s, int64_t slot)
   return seg;
 }
 
+// Calls visit(slot, expert, tokens, count) for every chunk of at most `chunk` tokens that one mixture slot routes
+// to one expert. Within a call every token appears once, so row writes never collide.
+template <typename Visit>
+void for_each_chunk(const int64_t* ids, const Shapes& s, int64_t chunk, Visit&& visit) {
+  for (int64_t slot = 0; slot < s.slots; ++slot) {
+    const SlotSegments seg = segments_of_slot(ids, s, slot);
+    for (int64_t e = 0; e < s.experts; ++e) {
+      for (int64_t lo = seg.offsets[e]; lo < seg.offsets[e + 1]; lo += chunk) {
+        visit(slot, e, seg.tokens.data() + lo, std::min(chunk, seg.offsets[e + 1] - lo));
+      }
+    }
+  }
+}
+
 void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w_down,
                   const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                   const c10::optional<at::Tensor>& b_up) {
@@ -85,6 +99,32 @@ void check_ids_in_range(const int64_t* ids, const Shapes& s) {
     TORCH_CHECK(ids[i] >= 0 && ids[i] < s.experts, "grouped_adapter: expert id ", ids[i], " out of range [0, ",
                 s.experts, ")");
   }
+}
+
+at::ScalarType accumulation_type(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// What both ops take apart from their own tensors, checked once and made contiguous.
+struct OpInputs {
+  at::Tensor x, ids, w_down, w_up;
+  Shapes s;
+  ActivationSpec spec;
+  at::TensorOptions acc;  // float32, or float64 for double inputs
+};
+
+OpInputs prepare(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& mix, const at::Tensor& w_down,
+                 const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                 const c10::optional<at::Tensor>& b_up, c10::string_view activation) {
+  check_inputs(x, ids, mix, w_down, b_down, w_up, b_up);
+  OpInputs in{x.contiguous(), ids.contiguous(), w_down.contiguous(), w_up.contiguous(), {}, {}, {}};
+  in.spec = parse_activation(std::string(activation));
+  in.s = shapes_of(in.x, in.ids, in.w_down, in.w_up);
+  TORCH_CHECK(in.s.down_width == (in.spec.gated ? 2 : 1) * in.s.rank,
+              "grouped_adapter: w_down width does not match w_up");
+  check_ids_in_range(in.ids.data_ptr<int64_t>(), in.s);
+  in.acc = in.x.options().dtype(accumulation_type(in.x.scalar_type()));
+  return in;
 }
 
 // dst[i, :] = acc(src[rows[i], :]) for i in [0, count)
@@ -133,43 +173,35 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   acc_t* y_ptr = y_acc.data_ptr<acc_t>();
   acc_t* hidden_ptr = hidden.data_ptr<acc_t>();
 
-  for (int64_t slot = 0; slot < s.slots; ++slot) {
-    const SlotSegments seg = segments_of_slot(id_ptr, s, slot);
-    for (int64_t e = 0; e < s.experts; ++e) {
-      for (int64_t lo = seg.offsets[e]; lo < seg.offsets[e + 1]; lo += chunk) {
-        const int64_t count = std::min(chunk, seg.offsets[e + 1] - lo);
-        const int64_t* tokens = seg.tokens.data() + lo;
-        at::Tensor x_rows = rows_in.narrow(0, 0, count), h = pre.narrow(0, 0, count);
-        at::Tensor a = activated.narrow(0, 0, count), out = rows_out.narrow(0, 0, count);
-        gather_rows(x_ptr, tokens, count, s.width, x_rows.data_ptr<acc_t>());
-        if (bd.defined()) {
-          at::addmm_out(h, bd[e].unsqueeze(0), x_rows, wd[e]);
-        } else {
-          at::mm_out(h, x_rows, wd[e]);
-        }
-        activate_rows(h.data_ptr<acc_t>(), count, s, spec, a.data_ptr<acc_t>());
-        if (bu.defined()) {
-          at::addmm_out(out, bu[e].unsqueeze(0), a, wu[e]);
-        } else {
-          at::mm_out(out, a, wu[e]);
-        }
-        const acc_t* h_ptr = h.data_ptr<acc_t>();
-        const acc_t* out_ptr = out.data_ptr<acc_t>();
-        // Within one slot every token appears once, so rows never collide.
-        at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t n = tokens[i];
-            const acc_t w = mix_ptr[n * s.slots + slot];
-            acc_t* y_row = y_ptr + n * s.width;
-            const acc_t* o = out_ptr + i * s.width;
-            for (int64_t c = 0; c < s.width; ++c) y_row[c] += w * o[c];
-            std::copy(h_ptr + i * s.down_width, h_ptr + (i + 1) * s.down_width,
-                      hidden_ptr + (n * s.slots + slot) * s.down_width);
-          }
-        });
-      }
+  for_each_chunk(id_ptr, s, chunk, [&](int64_t slot, int64_t e, const int64_t* tokens, int64_t count) {
+    at::Tensor x_rows = rows_in.narrow(0, 0, count), h = pre.narrow(0, 0, count);
+    at::Tensor a = activated.narrow(0, 0, count), out = rows_out.narrow(0, 0, count);
+    gather_rows(x_ptr, tokens, count, s.width, x_rows.data_ptr<acc_t>());
+    if (bd.defined()) {
+      at::addmm_out(h, bd[e].unsqueeze(0), x_rows, wd[e]);
+    } else {
+      at::mm_out(h, x_rows, wd[e]);
     }
-  }
+    activate_rows(h.data_ptr<acc_t>(), count, s, spec, a.data_ptr<acc_t>());
+    if (bu.defined()) {
+      at::addmm_out(out, bu[e].unsqueeze(0), a, wu[e]);
+    } else {
+      at::mm_out(out, a, wu[e]);
+    }
+    const acc_t* h_ptr = h.data_ptr<acc_t>();
+    const acc_t* out_ptr = out.data_ptr<acc_t>();
+    at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = tokens[i];
+        const acc_t w = mix_ptr[n * s.slots + slot];
+        acc_t* y_row = y_ptr + n * s.width;
+        const acc_t* o = out_ptr + i * s.width;
+        for (int64_t c = 0; c < s.width; ++c) y_row[c] += w * o[c];
+        std::copy(h_ptr + i * s.down_width, h_ptr + (i + 1) * s.down_width,
+                  hidden_ptr + (n * s.slots + slot) * s.down_width);
+      }
+    });
+  });
 }
 
 template <typename scalar_t>
@@ -197,80 +229,69 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   acc_t* dx_ptr = grad_x.data_ptr<acc_t>();
   acc_t* dmix_ptr = grad_mix.data_ptr<acc_t>();
 
-  for (int64_t slot = 0; slot < s.slots; ++slot) {
-    const SlotSegments seg = segments_of_slot(id_ptr, s, slot);
-    for (int64_t e = 0; e < s.experts; ++e) {
-      for (int64_t lo = seg.offsets[e]; lo < seg.offsets[e + 1]; lo += chunk) {
-        const int64_t count = std::min(chunk, seg.offsets[e + 1] - lo);
-        const int64_t* tokens = seg.tokens.data() + lo;
-        at::Tensor xr = rows_x.narrow(0, 0, count), dyr = rows_dy.narrow(0, 0, count);
-        at::Tensor h = pre.narrow(0, 0, count), a = activated.narrow(0, 0, count);
-        at::Tensor aw = weighted.narrow(0, 0, count), gr = g.narrow(0, 0, count);
-        at::Tensor dh = d_pre.narrow(0, 0, count), dxr = rows_dx.narrow(0, 0, count);
-        at::Tensor wr = row_mix.narrow(0, 0, count);
-        gather_rows(x_ptr, tokens, count, s.width, xr.data_ptr<acc_t>());
-        gather_rows(dy_ptr, tokens, count, s.width, dyr.data_ptr<acc_t>());
-        acc_t* h_ptr = h.data_ptr<acc_t>();
-        acc_t* w_ptr = wr.data_ptr<acc_t>();
-        for (int64_t i = 0; i < count; ++i) {
-          const int64_t n = tokens[i];
-          const acc_t* from = hidden_ptr + (n * s.slots + slot) * s.down_width;
-          std::copy(from, from + s.down_width, h_ptr + i * s.down_width);
-          w_ptr[i] = mix_ptr[n * s.slots + slot];
-        }
-        activate_rows(h_ptr, count, s, spec, a.data_ptr<acc_t>());
-        at::mm_out(gr, dyr, wu[e].t());  // d(expert output) / d(activated), before the mixture weight
-        const acc_t* g_ptr = gr.data_ptr<acc_t>();
-        const acc_t* a_ptr = a.data_ptr<acc_t>();
-        const acc_t* dyr_ptr = dyr.data_ptr<acc_t>();
-        const acc_t* bu_ptr = bu.defined() ? bu.data_ptr<acc_t>() + e * s.width : nullptr;
-        acc_t* dh_ptr = dh.data_ptr<acc_t>();
-        acc_t* aw_ptr = aw.data_ptr<acc_t>();
-        at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const acc_t w = w_ptr[i];
-            const acc_t* gi = g_ptr + i * s.rank;
-            const acc_t* ai = a_ptr + i * s.rank;
-            const acc_t* hi = h_ptr + i * s.down_width;
-            acc_t* dhi = dh_ptr + i * s.down_width;
-            acc_t dmix = 0;
-            for (int64_t j = 0; j < s.rank; ++j) {
-              dmix += gi[j] * ai[j];
-              aw_ptr[i * s.rank + j] = w * ai[j];
-              if (spec.gated) {
-                dhi[j] = w * gi[j] * hi[s.rank + j] * activate_derivative(spec.base, hi[j]);
-                dhi[s.rank + j] = w * gi[j] * activate(spec.base, hi[j]);
-              } else {
-                dhi[j] = w * gi[j] * activate_derivative(spec.base, hi[j]);
-              }
-            }
-            if (bu_ptr != nullptr) {
-              const acc_t* dyi = dyr_ptr + i * s.width;
-              for (int64_t c = 0; c < s.width; ++c) dmix += dyi[c] * bu_ptr[c];
-            }
-            dmix_ptr[tokens[i] * s.slots + slot] = dmix;
-          }
-        });
-        grad_wu[e].addmm_(aw.t(), dyr);
-        grad_wd[e].addmm_(xr.t(), dh);
-        if (grad_bu.numel() > 0) grad_bu[e].addmv_(dyr.t(), wr);
-        if (grad_bd.numel() > 0) grad_bd[e].add_(dh.sum(0));
-        at::mm_out(dxr, dh, wd[e].t());
-        const acc_t* dxr_ptr = dxr.data_ptr<acc_t>();
-        at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            acc_t* to = dx_ptr + tokens[i] * s.width;
-            const acc_t* from = dxr_ptr + i * s.width;
-            for (int64_t c = 0; c < s.width; ++c) to[c] += from[c];
-          }
-        });
-      }
+  for_each_chunk(id_ptr, s, chunk, [&](int64_t slot, int64_t e, const int64_t* tokens, int64_t count) {
+    at::Tensor xr = rows_x.narrow(0, 0, count), dyr = rows_dy.narrow(0, 0, count);
+    at::Tensor h = pre.narrow(0, 0, count), a = activated.narrow(0, 0, count);
+    at::Tensor aw = weighted.narrow(0, 0, count), gr = g.narrow(0, 0, count);
+    at::Tensor dh = d_pre.narrow(0, 0, count), dxr = rows_dx.narrow(0, 0, count);
+    at::Tensor wr = row_mix.narrow(0, 0, count);
+    gather_rows(x_ptr, tokens, count, s.width, xr.data_ptr<acc_t>());
+    gather_rows(dy_ptr, tokens, count, s.width, dyr.data_ptr<acc_t>());
+    acc_t* h_ptr = h.data_ptr<acc_t>();
+    acc_t* w_ptr = wr.data_ptr<acc_t>();
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n = tokens[i];
+      const acc_t* from = hidden_ptr + (n * s.slots + slot) * s.down_width;
+      std::copy(from, from + s.down_width, h_ptr + i * s.down_width);
+      w_ptr[i] = mix_ptr[n * s.slots + slot];
     }
-  }
-}
-
-at::ScalarType accumulation_type(at::ScalarType type) {
-  return type == at::kDouble ? at::kDouble : at::kFloat;
+    activate_rows(h_ptr, count, s, spec, a.data_ptr<acc_t>());
+    at::mm_out(gr, dyr, wu[e].t());  // d(expert output) / d(activated), before the mixture weight
+    const acc_t* g_ptr = gr.data_ptr<acc_t>();
+    const acc_t* a_ptr = a.data_ptr<acc_t>();
+    const acc_t* dyr_ptr = dyr.data_ptr<acc_t>();
+    const acc_t* bu_ptr = bu.defined() ? bu.data_ptr<acc_t>() + e * s.width : nullptr;
+    acc_t* dh_ptr = dh.data_ptr<acc_t>();
+    acc_t* aw_ptr = aw.data_ptr<acc_t>();
+    at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t w = w_ptr[i];
+        const acc_t* gi = g_ptr + i * s.rank;
+        const acc_t* ai = a_ptr + i * s.rank;
+        const acc_t* hi = h_ptr + i * s.down_width;
+        acc_t* dhi = dh_ptr + i * s.down_width;
+        acc_t dmix = 0;
+        for (int64_t j = 0; j < s.rank; ++j) {
+          dmix += gi[j] * ai[j];
+          aw_ptr[i * s.rank + j] = w * ai[j];
+          if (spec.gated) {
+            dhi[j] = w * gi[j] * hi[s.rank + j] * activate_derivative(spec.base, hi[j]);
+            dhi[s.rank + j] = w * gi[j] * activate(spec.base, hi[j]);
+          } else {
+            dhi[j] = w * gi[j] * activate_derivative(spec.base, hi[j]);
+          }
+        }
+        if (bu_ptr != nullptr) {
+          const acc_t* dyi = dyr_ptr + i * s.width;
+          for (int64_t c = 0; c < s.width; ++c) dmix += dyi[c] * bu_ptr[c];
+        }
+        dmix_ptr[tokens[i] * s.slots + slot] = dmix;
+      }
+    });
+    grad_wu[e].addmm_(aw.t(), dyr);
+    grad_wd[e].addmm_(xr.t(), dh);
+    if (grad_bu.numel() > 0) grad_bu[e].addmv_(dyr.t(), wr);
+    if (grad_bd.numel() > 0) grad_bd[e].add_(dh.sum(0));
+    at::mm_out(dxr, dh, wd[e].t());
+    const acc_t* dxr_ptr = dxr.data_ptr<acc_t>();
+    at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* to = dx_ptr + tokens[i] * s.width;
+        const acc_t* from = dxr_ptr + i * s.width;
+        for (int64_t c = 0; c < s.width; ++c) to[c] += from[c];
+      }
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_adapter_cpu(const at::Tensor& x_in, const at::Tensor& ids_in,
@@ -279,14 +300,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_adapter_cpu(const at::Tensor& x_in, c
                                                        const at::Tensor& w_up_in,
                                                        const c10::optional<at::Tensor>& b_up,
                                                        c10::string_view activation) {
-  check_inputs(x_in, ids_in, mix, w_down_in, b_down, w_up_in, b_up);
-  const ActivationSpec spec = parse_activation(std::string(activation));
-  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous();
-  const at::Tensor w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
-  const Shapes s = shapes_of(x, ids, w_down, w_up);
-  TORCH_CHECK(s.down_width == (spec.gated ? 2 : 1) * s.rank, "grouped_adapter: w_down width does not match w_up");
-  check_ids_in_range(ids.data_ptr<int64_t>(), s);
-  const auto acc = x.options().dtype(accumulation_type(x.scalar_type()));
+  const OpInputs in = prepare(x_in, ids_in, mix, w_down_in, b_down, w_up_in, b_up, activation);
+  const at::Tensor &x = in.x, &ids = in.ids, &w_down = in.w_down, &w_up = in.w_up;
+  const Shapes& s = in.s;
+  const ActivationSpec spec = in.spec;
+  const auto acc = in.acc;
   at::Tensor y_acc = at::zeros({s.tokens, s.width}, acc);
   at::Tensor hidden = at::empty({s.tokens, s.slots, s.down_width}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_adapter_cpu", [&] {
@@ -299,17 +317,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& mix,
     const at::Tensor& w_down_in, const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up_in,
     const c10::optional<at::Tensor>& b_up, const at::Tensor& hidden_in, c10::string_view activation) {
-  check_inputs(x_in, ids_in, mix, w_down_in, b_down, w_up_in, b_up);
-  const ActivationSpec spec = parse_activation(std::string(activation));
-  const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), grad_y = grad_y_in.to(x.scalar_type()).contiguous();
-  const at::Tensor w_down = w_down_in.contiguous(), w_up = w_up_in.contiguous();
-  const Shapes s = shapes_of(x, ids, w_down, w_up);
-  const auto acc = x.options().dtype(accumulation_type(x.scalar_type()));
+  const OpInputs in = prepare(x_in, ids_in, mix, w_down_in, b_down, w_up_in, b_up, activation);
+  const at::Tensor &x = in.x, &ids = in.ids, &w_down = in.w_down, &w_up = in.w_up;
+  const Shapes& s = in.s;
+  const ActivationSpec spec = in.spec;
+  const auto acc = in.acc;
+  const at::Tensor grad_y = grad_y_in.to(x.scalar_type()).contiguous();
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "grouped_adapter_backward: grad_y must have x's shape");
   TORCH_CHECK(hidden_in.sizes() == at::IntArrayRef({s.tokens, s.slots, s.down_width}),
               "grouped_adapter_backward: hidden must be [N, k, r']");
   const at::Tensor hidden = hidden_in.to(acc.dtype()).contiguous();
-  check_ids_in_range(ids.data_ptr<int64_t>(), s);
   at::Tensor grad_x = at::zeros({s.tokens, s.width}, acc), grad_mix = at::zeros({s.tokens, s.slots}, acc);
   at::Tensor grad_wd = at::zeros({s.experts, s.width, s.down_width}, acc);
   at::Tensor grad_wu = at::zeros({s.experts, s.rank, s.width}, acc);
