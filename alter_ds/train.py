@@ -116,16 +116,20 @@ def selected_stages(config: ExperimentConfig, choice: str) -> list[int]:
     raise TrainingError(f"--stage {choice}: choose 1..{len(names)}, a stage name {names}, or all")
 
 
-def _stage_dir_name(config: ExperimentConfig, name: str) -> str:
-    return f"stage{[s.name for s in config.stages].index(name) + 1}"
+def stage_source(config: ExperimentConfig, index: int, run_dir: Path) -> Path | None:
+    """Where the model an earlier stage exported lies, for a stage that starts from it (None: the backbone)."""
+    name = config.stages[index].init_from
+    if name is None:
+        return None
+    return run_dir / f"stage{[s.name for s in config.stages].index(name) + 1}" / "model"
 
 
 def stage_model(config: ExperimentConfig, index: int, run_dir: Path) -> MTAModel:
     """The model a stage starts from: the backbone, or the model an earlier stage exported."""
     stage = config.stages[index]
-    if stage.init_from is None:
+    source = stage_source(config, index, run_dir)
+    if source is None:
         return build_model(config)
-    source = run_dir / _stage_dir_name(config, stage.init_from) / "model"
     if not (source / "mta_config.json").is_file():
         raise TrainingError(
             f"stage {stage.name!r} starts from stage {stage.init_from!r}, but {source} does not exist: "
@@ -202,11 +206,7 @@ def train_stage(
     model = stage_model(config, index, run_dir)
     counts = model.apply_stage(stage)
     if rank == 0:
-        origin = (
-            "the backbone"
-            if stage.init_from is None
-            else str(run_dir / _stage_dir_name(config, stage.init_from) / "model")
-        )
+        origin = stage_source(config, index, run_dir) or "the backbone"
         print(
             f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}; "
             f"starts from {origin}"

@@ -1,11 +1,12 @@
 """Build and load the grouped adapter extension (``csrc/``): JIT with ninja on first use, cached on disk.
 
-The first call of :func:`load_extension` in a process compiles ``csrc/grouped_adapter.cpp`` (and, when CUDA
-is usable, ``csrc/cuda/grouped_adapter.cu``) into ``$ALTER_DS_EXTENSIONS_DIR`` (default
-``~/.cache/alter-ds/extensions/<torch version>``); later processes reuse the build, and ranks starting at
-once share one build through torch's file lock. If there is no compiler, no ninja or the build fails, it warns
-once and the op keeps using the PyTorch reference. Build ahead of time (a container image, a cluster's login
-node) with ``python -m alter_ds.ops.build`` or ``alter-ds build-ext``.
+Two libraries: the CPU one (``csrc/grouped_adapter.cpp``: the op schemas and CPU kernels), built the first
+time a CPU tensor needs the op, and the CUDA one (``csrc/cuda/``), built when CUDA tensors ask for its kernels
+and torch, a GPU and nvcc are there. Both go to ``$ALTER_DS_EXTENSIONS_DIR`` (default
+``~/.cache/alter-ds/extensions/torch<version>-py<version>-<cpu|cuXY>``); later processes reuse the build, and
+ranks starting at once share one build through torch's file lock. If there is no compiler, no ninja or a build
+fails, it warns once and the op keeps using the PyTorch reference. Build ahead of time (a container image, a
+cluster's login node) with ``python -m alter_ds.ops.build`` or ``alter-ds build-ext``.
 """
 
 from __future__ import annotations

@@ -233,12 +233,11 @@ def grouped_adapter(
     """
     check_grouped_adapter_args(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
     choice = selected_implementation()
-    if choice in ("cpp", "cuda") and x.device.type != {"cpp": "cpu", "cuda": "cuda"}[choice]:
-        raise ValueError(
-            f"{IMPLEMENTATION_ENV}={choice} runs on {choice.replace('cpp', 'cpu')} tensors, got {x.device}"
-        )
+    forced_device = {"cpp": "cpu", "cuda": "cuda"}.get(choice)
+    if forced_device is not None and x.device.type != forced_device:
+        raise ValueError(f"{IMPLEMENTATION_ENV}={choice} runs on {forced_device} tensors, got {x.device}")
     if choice in ("auto", "cpp", "cuda"):
-        kernel = _native_kernel(x.device, forced=choice != "auto")
+        kernel = _native_kernel(x.device, forced=forced_device is not None)
         if kernel is not None:
             return kernel(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
         if choice != "auto":
