@@ -125,12 +125,9 @@ def grouped_mm_adapter(
     activation: str,
 ) -> torch.Tensor:
     """The op as two torch._grouped_mm calls over the token-expert pairs sorted by expert (no padding)."""
-    n_tokens, k = expert_ids.shape
-    flat_ids = expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_index = torch.div(order, k, rounding_mode="floor")
-    group = flat_ids[order]
-    offsets = torch.cumsum(torch.bincount(group, minlength=w_down.shape[0]), 0).to(torch.int32)
+    n_tokens = expert_ids.shape[0]
+    order, token_index, group, counts = OPS.sort_by_expert(expert_ids, w_down.shape[0])
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
     hidden = torch._grouped_mm(x[token_index], w_down, offs=offsets)
     if b_down is not None:
         hidden = hidden + b_down[group]

@@ -97,6 +97,18 @@ def check_grouped_adapter_args(
         torch._assert_async(((expert_ids >= 0) & (expert_ids < num_experts)).all())
 
 
+def sort_by_expert(
+    expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The N*k token-expert pairs sorted stably by expert: each pair's position in ``expert_ids.reshape(-1)``,
+    its token, its expert, and the number of pairs per expert."""
+    flat_ids = expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_index = torch.div(order, expert_ids.shape[1], rounding_mode="floor")
+    group = flat_ids[order]
+    return order, token_index, group, torch.bincount(group, minlength=num_experts)
+
+
 def _segment_matmul(
     rows: torch.Tensor, group: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
@@ -135,13 +147,9 @@ def grouped_adapter_reference(
     No Python loop over experts; autograd gives dense gradients for the stacked weights (zeros for experts
     without tokens), which ZeRO-2's position-based gradient buckets need.
     """
-    n_tokens, k = expert_ids.shape
+    n_tokens = expert_ids.shape[0]
     num_experts = w_down.shape[0]
-    flat_ids = expert_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_index = torch.div(order, k, rounding_mode="floor")
-    group = flat_ids[order]
-    counts = torch.bincount(group, minlength=num_experts)
+    order, token_index, group, counts = sort_by_expert(expert_ids, num_experts)
     rows = x[token_index]
     hidden = _segment_matmul(rows, group, counts, w_down)
     if b_down is not None:
