@@ -25,9 +25,11 @@ CPP_SOURCES = [CSRC / "grouped_adapter.cpp"]
 CUDA_SOURCES = [CSRC / "cuda" / "grouped_adapter.cu"]
 EXTENSIONS_DIR_ENV = "ALTER_DS_EXTENSIONS_DIR"
 
-# Whether ``auto`` sends CUDA tensors to the CUDA kernels. They compile for sm_80/sm_90 in CI but have not yet
-# passed the GPU tests (tests/test_grouped_adapter_kernels.py -m gpu) on a GPU, so until they have, CUDA tensors
-# use the PyTorch reference unless ALTER_DS_GROUPED_ADAPTER=cuda asks for the kernels explicitly.
+# Whether ``auto`` sends CUDA tensors to the CUDA kernels. They compile for sm_80/sm_90 in CI and pass their
+# tests in the CPU device emulation (tests/test_cuda_kernels_emulated.py), but have not yet run the GPU tests
+# (tests/test_grouped_adapter_kernels.py -m gpu) or the benchmark on a GPU, so nothing shows yet that they are
+# right on the hardware and faster than the reference there; until then CUDA tensors use the PyTorch reference
+# unless ALTER_DS_GROUPED_ADAPTER=cuda asks for the kernels explicitly.
 CUDA_KERNELS_VERIFIED = False
 
 _loaded: dict[str, bool] = {}  # "cpu" / "cuda" -> built and loaded in this process (absent: not tried yet)

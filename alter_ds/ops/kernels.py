@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-_registered = False
+NAMESPACE = "alter_ds"
+_registered: set[str] = set()  # op namespaces whose Python parts are attached
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,7 +66,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
 
 def _backward(ctx: Any, grad_y: torch.Tensor, grad_hidden: torch.Tensor | None) -> tuple[Any, ...]:
     x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, hidden = ctx.saved_tensors
-    grads = torch.ops.alter_ds.grouped_adapter_backward(
+    backward_op = getattr(torch.ops, ctx.namespace).grouped_adapter_backward
+    grads = backward_op(
         grad_y.contiguous(), x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, hidden, ctx.activation
     )
     grad_x, grad_weights, grad_w_down, grad_b_down, grad_w_up, grad_b_up = grads
@@ -81,20 +83,27 @@ def _backward(ctx: Any, grad_y: torch.Tensor, grad_hidden: torch.Tensor | None) 
     )
 
 
-def register_python_parts() -> None:
-    """Attach the fake implementations and the autograd formula to the loaded library (once)."""
-    global _registered
-    if _registered:
+def register_python_parts(namespace: str = NAMESPACE) -> None:
+    """Attach the fake implementations and the autograd formula to a loaded library's two ops (once).
+
+    ``namespace`` is ``alter_ds`` for the extension; the test suite's CPU emulation of the CUDA kernels registers
+    the same ops under its own namespace and reuses these parts."""
+    if namespace in _registered:
         return
-    torch.library.register_fake("alter_ds::grouped_adapter")(_fake_forward)
-    torch.library.register_fake("alter_ds::grouped_adapter_backward")(_fake_backward)
-    torch.library.register_autograd("alter_ds::grouped_adapter", _backward, setup_context=_setup_context)
-    _registered = True
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        _setup_context(ctx, inputs, output)
+        ctx.namespace = namespace
+
+    torch.library.register_fake(f"{namespace}::grouped_adapter")(_fake_forward)
+    torch.library.register_fake(f"{namespace}::grouped_adapter_backward")(_fake_backward)
+    torch.library.register_autograd(f"{namespace}::grouped_adapter", _backward, setup_context=setup_context)
+    _registered.add(namespace)
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether the loaded library has a kernel for this device (a CPU-only build has none for CUDA)."""
-    if not _registered:
+    if NAMESPACE not in _registered:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("alter_ds::grouped_adapter", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::grouped_adapter", key)

@@ -44,6 +44,8 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int src_bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+#elif defined(ALTER_DS_DEVICE_EMULATION)  // the CPU emulation of tests/cuda_emulation
+  ::emu::cp_async_16(smem, gmem, pred);
 #else
   (void)smem;
   (void)gmem;
@@ -54,6 +56,8 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(ALTER_DS_DEVICE_EMULATION)
+  ::emu::cp_async_commit();
 #endif
 }
 
@@ -62,13 +66,15 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#elif defined(ALTER_DS_DEVICE_EMULATION)
+  ::emu::cp_async_wait(kPending);
 #endif
 }
 
 // dst[0..n) += v[0..n) in fp32 global memory (n <= 8); a full group of 8 with `vec` true is 16-byte aligned.
 // Hopper has a 128-bit float atomic, which quarters the L2 atomic operations of the weight-gradient epilogues.
 __device__ __forceinline__ void atomic_add_8(float* dst, const float* v, int n, bool vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(ALTER_DS_DEVICE_EMULATION)
   if (vec && n == 8) {
     atomicAdd(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
     atomicAdd(reinterpret_cast<float4*>(dst + 4), make_float4(v[4], v[5], v[6], v[7]));

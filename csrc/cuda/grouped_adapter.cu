@@ -137,12 +137,12 @@ bool use_tensor_cores(const Shape& s, at::ScalarType dtype, std::initializer_lis
 }
 
 template <typename Kernel, typename Args>
-void launch_tc(Kernel kernel, const Args& args, int64_t grid, int smem_bytes, cudaStream_t stream) {
+void launch_tc(Kernel tensor_core_kernel, const Args& args, int64_t grid, int smem_bytes, cudaStream_t stream) {
   // Allow the device's whole opt-in shared memory rather than this call's size: kernel variants are shared by
   // several r', and one fixed value cannot race between host threads launching different sizes.
   const int optin = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-  kernel<<<static_cast<unsigned>(grid), tc::kThreads, smem_bytes, stream>>>(args);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(tensor_core_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  tensor_core_kernel<<<static_cast<unsigned>(grid), tc::kThreads, smem_bytes, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,155 @@
+"""The CUDA kernels of csrc/cuda/ run on the CPU through the device emulation (tests/cuda_emulation/), against
+the loop oracle: both the generic kernels (every dtype) and the tensor-core kernels (bf16 / fp16), with the
+routing, tiling, pipelining and synchronisation they use on a GPU. This is what checks the CUDA sources on
+machines without a GPU; timing, occupancy and the hardware's own fragment layouts need the ``gpu`` tests of
+test_grouped_adapter_kernels.py on a real device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from emulated_cuda import emulated_grouped_adapter, launched_kernels, load_emulated_library
+from grouped_inputs import make_inputs, run
+from test_grouped_adapter_kernels import GRAD_NAMES, KERNEL_CASES
+
+from alter_ds.ops import grouped_adapter_loop
+from alter_ds.ops.grouped_adapter import ACTIVATIONS
+
+ROUTING = ["count_experts_kernel", "scatter_assignments_kernel", "build_segments_kernel"]
+GENERIC = ["row_gemm_kernel<Acc>", "weight_grad_kernel<Acc>", "activation_kernel", "hidden_grad_kernel"]
+TENSOR_CORE = "tensor_core_kernel"
+
+
+@pytest.fixture(autouse=True)
+def emulated_library():
+    load_emulated_library()  # once per process; a build failure is a test failure (CI has the compiler)
+    launched_kernels()  # each test sees its own launches
+
+
+def relative_errors(tensors, activation):
+    """Max |kernel - oracle| / max |oracle| of y and every gradient; the oracle runs in fp64 on the same values."""
+    y, grads = run(emulated_grouped_adapter, tensors, activation)
+    exact = [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
+    y_ref, grads_ref = run(grouped_adapter_loop, exact, activation)
+    errors = {}
+    for name, got, want in [("y", y, y_ref), *zip(GRAD_NAMES, grads, grads_ref)]:
+        if want is None:
+            assert got is None, name
+            continue
+        assert got is not None and got.shape == want.shape, name
+        errors[name] = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    return errors
+
+
+def in_dtype(tensors, dtype, weights_dtype=None):
+    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    if weights_dtype is not None:
+        low[2] = low[2].to(weights_dtype)
+    return low
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_generic_kernels_match_the_loop_in_float64(case):
+    tensors, act = make_inputs(**KERNEL_CASES[case], activation="swiglu" if "k2" in case else "gelu")
+    errors = relative_errors(tensors, act)
+    assert max(errors.values()) < 1e-12, errors
+    launched = launched_kernels()
+    assert TENSOR_CORE not in launched and set(GENERIC) <= set(launched) and set(ROUTING) <= set(launched)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_generic_kernels_every_activation(activation):
+    tensors, act = make_inputs(n=37, d=10, r=3, experts=4, k=2, activation=activation)
+    errors = relative_errors(tensors, act)
+    assert max(errors.values()) < 1e-12, errors
+
+
+# Tensor-core shapes: several 128-row tiles per expert, d not a multiple of the 64-column chunk, r and r' at and
+# between the accumulator sizes (16 / 32 / 64 / 128), r' not a multiple of 8 (no vector w_down loads), k > 1
+# (atomic outputs), experts without tokens, one expert with every token, no biases.
+TENSOR_CORE_CASES = {
+    "r16_multi_tile": dict(n=700, d=72, r=16, experts=3, k=1),
+    "r17_k2_gelu_d200": dict(n=300, d=200, r=17, experts=4, k=2),
+    "r64_swiglu": dict(n=260, d=64, r=64, experts=2, k=1),  # r' = 128: the largest accumulators
+    "r5_reglu_d8": dict(n=150, d=8, r=5, experts=3, k=1),  # r' = 10: scalar w_down loads and partial fragments
+    "r1_relu": dict(n=140, d=16, r=1, experts=2, k=1),
+    "dense_k4": dict(n=90, d=24, r=8, experts=4, k=4, dense=True),
+    "one_expert_has_all": dict(n=400, d=32, r=16, experts=5, k=1, ids=torch.full((400, 1), 3)),
+    "no_bias_k2": dict(n=200, d=48, r=32, experts=3, k=2, bias=False),
+}
+ACTIVATION_OF = {"r64_swiglu": "swiglu", "r5_reglu_d8": "reglu", "r1_relu": "relu", "dense_k4": "geglu_tanh"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", sorted(TENSOR_CORE_CASES))
+def test_tensor_core_kernels_match_the_loop(case, dtype):
+    """bf16/fp16 operands, fp32 accumulation, fp32 router weights as models pass them. 1e-2 of the largest value
+    covers the outputs' rounding to 8 (bf16) or 11 (fp16) bits; the fp32 intermediates are fed to the MMAs as two
+    16-bit terms, so a wrong split or a lost term shows as errors well above that."""
+    tensors, act = make_inputs(**TENSOR_CORE_CASES[case], activation=ACTIVATION_OF.get(case, "gelu"))
+    errors = relative_errors(in_dtype(tensors, dtype, weights_dtype=torch.float32), act)
+    assert max(errors.values()) < 1e-2, errors
+    launched = launched_kernels()
+    assert launched.count(TENSOR_CORE) == 2 and not set(GENERIC) & set(launched), launched
+
+
+@pytest.mark.parametrize("case", ["r16_multi_tile", "r17_k2_gelu_d200", "r64_swiglu"])
+def test_forced_generic_kernels_agree_with_the_tensor_core_kernels(case, monkeypatch):
+    tensors, act = make_inputs(**TENSOR_CORE_CASES[case], activation=ACTIVATION_OF.get(case, "gelu"))
+    low = in_dtype(tensors, torch.bfloat16, weights_dtype=torch.float32)
+    y_tc, grads_tc = run(emulated_grouped_adapter, low, act)
+    launched_kernels()
+    monkeypatch.setenv("ALTER_DS_CUDA_GENERIC", "1")
+    y_generic, grads_generic = run(emulated_grouped_adapter, low, act)
+    assert TENSOR_CORE not in launched_kernels()
+    for name, a, b in [("y", y_tc, y_generic), *zip(GRAD_NAMES, grads_tc, grads_generic)]:
+        if a is not None:
+            scale = b.double().abs().max().clamp_min(1e-30)
+            assert ((a.double() - b.double()).abs().max() / scale).item() < 1e-2, name
+
+
+def test_misaligned_rows_take_the_generic_kernels():
+    """The tensor-core kernels load rows 16 bytes at a time; x or grad_y starting 2 bytes into its storage must
+    go to the generic kernels, with the same results."""
+    tensors, act = make_inputs(n=150, d=32, r=16, experts=2, k=1, activation="gelu")
+    args = in_dtype(tensors, torch.bfloat16, weights_dtype=torch.float32)
+    grad_y = torch.randn(150, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def misaligned(t):
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+        view = storage[1:].view_as(t).copy_(t)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    ops = torch.ops.alter_ds_emulated
+    y, hidden = ops.grouped_adapter(*args, act)
+    grads = ops.grouped_adapter_backward(grad_y, *args, hidden, act)
+    assert launched_kernels().count(TENSOR_CORE) == 2
+    y_shifted, hidden_shifted = ops.grouped_adapter(misaligned(args[0]), *args[1:], act)
+    grads_shifted = ops.grouped_adapter_backward(misaligned(grad_y), *args, hidden, act)
+    launched = launched_kernels()
+    assert TENSOR_CORE not in launched and "row_gemm_kernel<Acc>" in launched
+    for name, a, b in [
+        ("y", y, y_shifted),
+        ("hidden", hidden, hidden_shifted),
+        *zip(["x", "weights", "w_down", "b_down", "w_up", "b_up"], grads, grads_shifted),
+    ]:
+        scale = a.double().abs().max().clamp_min(1e-30)
+        assert ((a.double() - b.double()).abs().max() / scale).item() < 1e-2, name
+
+
+def test_routing_with_more_experts_than_one_scan_block():
+    """build_segments scans the experts 1,024 at a time; most of these 1,100 experts have no token."""
+    tensors, act = make_inputs(n=64, d=8, r=2, experts=1100, k=2, activation="relu", dtype=torch.float32)
+    tensors[1] = torch.randint(1000, 1100, (64, 2), generator=torch.Generator().manual_seed(3))
+    errors = relative_errors(tensors, act)
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_an_out_of_range_id_trips_the_device_assertion():
+    """On a GPU this is a device-side assert; the emulation turns it into an error of the launch."""
+    tensors, act = make_inputs(n=40, d=8, r=2, experts=2, k=1, dtype=torch.float32)
+    tensors[1] = tensors[1].clone()
+    tensors[1][7, 0] = 2
+    with pytest.raises(RuntimeError, match="device-side assertion failed"):
+        torch.ops.alter_ds_emulated.grouped_adapter(*tensors, act)
