@@ -81,31 +81,37 @@ TORCH_LIBRARY_FRAGMENT({namespace}, m) {{
 _loaded = False
 
 
-def load_emulated_library() -> None:
-    """Compile (once; ninja reuses the build while the sources are unchanged) and load the emulated kernels."""
+def load_emulated_library(address_sanitizer: bool = False) -> None:
+    """Compile (once; ninja reuses the build while the sources are unchanged) and load the emulated kernels.
+
+    ``address_sanitizer`` builds them with ``-fsanitize=address``: out-of-bounds reads and writes of the kernels
+    in host memory stop the process with a report (what compute-sanitizer's memcheck finds on a GPU). The process
+    must then start with libasan preloaded (``LD_PRELOAD=$(g++ -print-file-name=libasan.so)``)."""
     global _loaded
     if _loaded:
         return
     from torch.utils.cpp_extension import load
 
     sources = emulated_sources()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(str(address_sanitizer).encode())
     for name in sorted(sources):
         digest.update(name.encode() + sources[name].encode())
     for header in sorted(INCLUDE.rglob("*.h")):
         digest.update(header.read_bytes())
-    directory = build_directory("cpu").with_name(build_directory("cpu").name + "-emulated-cuda")
+    flavour = "-emulated-cuda" + ("-asan" if address_sanitizer else "")
+    directory = build_directory("cpu").with_name(build_directory("cpu").name + flavour)
     source_dir = directory / "src"
     for name, text in sources.items():
         target = source_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists() or target.read_text() != text:  # unchanged files keep their mtime for ninja
             target.write_text(text)
+    sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer"] if address_sanitizer else []
     load(
         name="alter_ds_grouped_adapter_emulated_" + digest.hexdigest()[:12],
         sources=[str(source_dir / "cuda" / "grouped_adapter.cpp"), str(source_dir / "schemas.cpp")],
-        extra_cflags=["-O2", "-pthread"],
-        extra_ldflags=["-pthread"],
+        extra_cflags=["-O2", "-g" if address_sanitizer else "-g0", *sanitizer],
+        extra_ldflags=sanitizer,
         extra_include_paths=[str(INCLUDE)],
         build_directory=str(directory),
         is_python_module=False,

@@ -6,6 +6,11 @@ test_grouped_adapter_kernels.py on a real device."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from emulated_cuda import emulated_grouped_adapter, launched_kernels, load_emulated_library
@@ -153,3 +158,48 @@ def test_an_out_of_range_id_trips_the_device_assertion():
     tensors[1][7, 0] = 2
     with pytest.raises(RuntimeError, match="device-side assertion failed"):
         torch.ops.alter_ds_emulated.grouped_adapter(*tensors, act)
+
+
+_SANITIZED_RUN = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from emulated_cuda import emulated_grouped_adapter, load_emulated_library
+from grouped_inputs import make_inputs, run
+from alter_ds.ops import grouped_adapter_loop
+
+load_emulated_library(address_sanitizer=True)
+cases = [
+    (torch.bfloat16, dict(n=300, d=200, r=17, experts=4, k=2), "gelu"),
+    (torch.bfloat16, dict(n=260, d=64, r=64, experts=2, k=1), "swiglu"),
+    (torch.float16, dict(n=150, d=8, r=5, experts=3, k=1, bias=False), "reglu"),
+    (torch.float32, dict(n=50, d=11, r=3, experts=4, k=2), "swiglu"),
+    (torch.float64, dict(n=10, d=5, r=2, experts=4, k=4, dense=True), "relu"),
+]
+for dtype, case, activation in cases:
+    tensors, _ = make_inputs(**case, activation=activation)
+    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    y, grads = run(emulated_grouped_adapter, low, activation)
+    exact = [t.double() if t is not None and t.is_floating_point() else t for t in low]
+    y_ref, grads_ref = run(grouped_adapter_loop, exact, activation)
+    for got, want in zip([y, *grads], [y_ref, *grads_ref]):
+        if want is not None:
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2, case
+print("sanitized run ok")
+"""
+
+
+def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """compute-sanitizer's memcheck, on the CPU: the emulated kernels built with -fsanitize=address, in a process
+    with libasan preloaded, on tensor-core and generic shapes. Any read or write past a tensor stops the process
+    with a report naming the kernel's source line."""
+    from emulated_cuda import REPO
+
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not libasan or not Path(libasan).is_file():
+        pytest.skip("g++ has no AddressSanitizer runtime (libasan) here")
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(REPO))
+    code = _SANITIZED_RUN.format(tests=str(REPO / "tests"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert "ERROR: AddressSanitizer" not in done.stderr, done.stderr[-6000:]
+    assert done.returncode == 0 and "sanitized run ok" in done.stdout, done.stderr[-3000:]

@@ -41,6 +41,10 @@
 
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #define ALTER_DS_DEVICE_EMULATION 1
 
 #define __global__
@@ -106,7 +110,6 @@ namespace emu {
 constexpr size_t kGuardBytes = 4096;
 constexpr unsigned char kGuardByte = 0xA5;
 constexpr unsigned char kPoisonByte = 0xFF;  // NaN as float, bf16 and half; -1 as int
-constexpr size_t kStackBytes = 256 * 1024;
 
 struct Fiber;
 
@@ -159,6 +162,8 @@ struct Launch {
   std::vector<Warp> warps;
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
+  const void* scheduler_stack = nullptr;  // for AddressSanitizer's fiber switches
+  size_t scheduler_stack_bytes = 0;
   const std::function<void()>* kernel = nullptr;
   unsigned char* shared = nullptr;  // dynamic shared memory followed by a guard band
   size_t shared_bytes = 0;
@@ -201,6 +206,36 @@ inline void check_alignment(const void* p, size_t bytes, const char* what) {
   }
 }
 
+// ---- switching between the scheduler and the threads (announced to AddressSanitizer when it is on) ----
+
+inline void switch_to_scheduler(bool thread_ends) {
+  Launch& l = *current_launch;
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(thread_ends ? nullptr : &fake_stack, l.scheduler_stack, l.scheduler_stack_bytes);
+#else
+  (void)thread_ends;
+#endif
+  swapcontext(&current_fiber->context, &l.scheduler);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, &l.scheduler_stack, &l.scheduler_stack_bytes);
+#endif
+}
+
+constexpr size_t kStackBytes = 256 * 1024;
+inline char* fiber_stack(size_t index);
+
+inline void switch_to_thread(Launch& l, Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, fiber_stack(f.linear), kStackBytes);
+#endif
+  swapcontext(&l.scheduler, &f.context);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
 // ---- barriers and warp collectives ----
 
 // Arrives at `barrier`; the last arrival completes the phase and goes on, the others yield until it does.
@@ -219,7 +254,7 @@ inline void arrive_and_wait(Barrier& barrier, unsigned line, const char* what) {
   self.waiting_on = &barrier;
   self.waiting_phase = barrier.phase;
   self.waiting_line = line;
-  swapcontext(&self.context, &current_launch->scheduler);
+  switch_to_scheduler(false);
 }
 
 inline void check_full_warp(unsigned mask, const char* what, unsigned line) {
@@ -312,6 +347,9 @@ inline char* fiber_stack(size_t index) {
 inline void fiber_main() {
   Launch& l = *current_launch;
   Fiber& self = *current_fiber;
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack, &l.scheduler_stack_bytes);
+#endif
   try {
     (*l.kernel)();
   } catch (const std::exception& error) {
@@ -324,7 +362,7 @@ inline void fiber_main() {
   self.done = true;
   l.block_barrier.drop();
   l.warps[self.linear >> 5].barrier.drop();
-  swapcontext(&self.context, &l.scheduler);  // never resumed
+  switch_to_scheduler(true);  // never resumed
 }
 
 // Runs one block to completion; false on a deadlock.
@@ -367,7 +405,7 @@ inline bool run_block(Launch& l) {
           f.waiting_on = nullptr;
           current_fiber = &f;
           threadIdx = {f.linear % l.block.x, (f.linear / l.block.x) % l.block.y, f.linear / (l.block.x * l.block.y)};
-          swapcontext(&l.scheduler, &f.context);
+          switch_to_thread(l, f);
           current_fiber = nullptr;
           progressed = ran = true;
         }
