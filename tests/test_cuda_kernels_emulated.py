@@ -81,6 +81,7 @@ TENSOR_CORE_CASES = {
     "dense_k4": dict(n=90, d=24, r=8, experts=4, k=4, dense=True),
     "one_expert_has_all": dict(n=400, d=32, r=16, experts=5, k=1, ids=torch.full((400, 1), 3)),
     "no_bias_k2": dict(n=200, d=48, r=32, experts=3, k=2, bias=False),
+    "model_width_d1024": dict(n=600, d=1024, r=16, experts=4, k=1),  # 16 chunks through the cp.async pipeline
 }
 ACTIVATION_OF = {"r64_swiglu": "swiglu", "r5_reglu_d8": "reglu", "r1_relu": "relu", "dense_k4": "geglu_tanh"}
 

@@ -17,8 +17,8 @@
 //   - cp.async data read before its cp.async.wait_group, or a stage refilled too early: each copy lands at
 //     its issue or at its wait, the two extremes the hardware allows;
 //   - CUDA_KERNEL_ASSERT, which fails the launch with its condition.
-// What it cannot check: timing, occupancy, register limits, coalescing, the hardware's fragment layouts
-// (a fragment here holds the whole tile in every lane) and races between blocks (blocks do not overlap).
+// What it cannot check: timing, occupancy, register limits, coalescing, and races between blocks (blocks do
+// not overlap). wmma fragments follow the documented semantics of load/mma/store, which is all the kernels use.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +27,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -559,7 +560,11 @@ inline float4 atomicAdd(float4* address, float4 value) {
                              std::to_string(__LINE__));                                           \
   } while (0)
 
-// ---- nvcuda::wmma, 16x16x16 with fp32 accumulators; every lane holds the whole tile ----
+// ---- nvcuda::wmma, 16x16x16 with fp32 accumulators ----
+// Each lane owns the accumulator elements of sm_80's mma.m16n8k16 layout: rows lane / 4 and lane / 4 + 8,
+// columns 2 (lane % 4) + {0, 1} of each 8-column half. A lane loads the A rows and B columns those need and
+// stores only its own elements, so a lane that reads results other lanes stored, without a __syncwarp in
+// between, reads stale data as it would on the GPU.
 
 namespace nvcuda {
 namespace wmma {
@@ -574,8 +579,14 @@ enum layout_t { mem_row_major, mem_col_major };
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "only the 16x16x16 shape is emulated");
-  float v[16 * 16];
+  float v[16 * 16];  // row-major; a lane fills only what it owns or needs
 };
+
+inline std::array<unsigned, 2> owned_rows() { return {emu::lane() / 4, emu::lane() / 4 + 8}; }
+inline std::array<unsigned, 4> owned_cols() {
+  const unsigned c = 2 * (emu::lane() % 4);
+  return {c, c + 1, c + 8, c + 9};
+}
 
 template <typename T>
 inline void check_operand(const T* p, unsigned ldm, const char* what) {
@@ -583,13 +594,24 @@ inline void check_operand(const T* p, unsigned ldm, const char* what) {
   if ((ldm * sizeof(T)) % 16 != 0) emu::fail(std::string(what) + ": leading dimension not a multiple of 16 bytes");
 }
 
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  static_assert(!std::is_same_v<Layout, void>, "operand fragments carry their layout");
+template <typename T, typename Layout>
+inline float element(const T* p, unsigned ldm, unsigned i, unsigned j) {
+  return static_cast<float>(std::is_same_v<Layout, row_major> ? p[i * ldm + j] : p[j * ldm + i]);
+}
+
+template <typename T, typename Layout>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   check_operand(p, ldm, "wmma::load_matrix_sync");
-  constexpr bool row = std::is_same_v<Layout, row_major>;
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) f.v[i * 16 + j] = static_cast<float>(row ? p[i * ldm + j] : p[j * ldm + i]);
+  for (unsigned i : owned_rows()) {
+    for (unsigned k = 0; k < 16; ++k) f.v[i * 16 + k] = element<T, Layout>(p, ldm, i, k);
+  }
+}
+
+template <typename T, typename Layout>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_operand(p, ldm, "wmma::load_matrix_sync");
+  for (unsigned k = 0; k < 16; ++k) {
+    for (unsigned j : owned_cols()) f.v[k * 16 + j] = element<T, Layout>(p, ldm, k, j);
   }
 }
 
@@ -597,32 +619,24 @@ template <typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
                      const fragment<matrix_b, 16, 16, 16, T, LB>& b,
                      const fragment<accumulator, 16, 16, 16, float>& c) {
-  float out[16 * 16];
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
+  for (unsigned i : owned_rows()) {
+    for (unsigned j : owned_cols()) {
       float s = c.v[i * 16 + j];
-      for (int k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + j];
-      out[i * 16 + j] = s;
+      for (unsigned k = 0; k < 16; ++k) s += a.v[i * 16 + k] * b.v[k * 16 + j];
+      d.v[i * 16 + j] = s;
     }
   }
-  std::memcpy(d.v, out, sizeof(out));
 }
 
 inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float value) {
   for (float& v : f.v) v = value;
 }
 
-// Each lane stores its own 8 elements, in the layout of sm_80's mma.m16n8k16 accumulators (rows lane / 4 and
-// lane / 4 + 8; columns 2 (lane % 4) + {0, 1} of each 8-column half), so a lane that reads results other lanes
-// stored without a __syncwarp in between reads stale data.
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
   check_operand(p, ldm, "wmma::store_matrix_sync");
-  const unsigned lane = emu::lane();
-  for (unsigned row : {lane / 4, lane / 4 + 8}) {
-    for (unsigned col : {2 * (lane % 4), 2 * (lane % 4) + 1, 2 * (lane % 4) + 8, 2 * (lane % 4) + 9}) {
-      p[layout == mem_row_major ? row * ldm + col : col * ldm + row] = f.v[row * 16 + col];
-    }
+  for (unsigned i : owned_rows()) {
+    for (unsigned j : owned_cols()) p[layout == mem_row_major ? i * ldm + j : j * ldm + i] = f.v[i * 16 + j];
   }
 }
 
