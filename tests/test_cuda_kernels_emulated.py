@@ -53,11 +53,14 @@ def in_dtype(tensors, dtype, weights_dtype=None):
     return low
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_generic_kernels_match_the_loop_in_float64(case):
-    tensors, act = make_inputs(**KERNEL_CASES[case], activation="swiglu" if "k2" in case else "gelu")
+def test_generic_kernels_match_the_loop(case, dtype, tolerance):
+    """fp32 sums over up to 5,000 rows (many_chunks' weight gradients) in another order than the oracle's: 1e-5
+    of the largest value covers it; fp64 leaves only the last bits."""
+    tensors, act = make_inputs(**KERNEL_CASES[case], activation="swiglu" if "k2" in case else "gelu", dtype=dtype)
     errors = relative_errors(tensors, act)
-    assert max(errors.values()) < 1e-12, errors
+    assert max(errors.values()) < tolerance, errors
     launched = launched_kernels()
     assert TENSOR_CORE not in launched and set(GENERIC) <= set(launched) and set(ROUTING) <= set(launched)
 

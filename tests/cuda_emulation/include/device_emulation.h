@@ -29,15 +29,14 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
-#include <random>
+#include <type_traits>
 #include <vector>
 
 #include <ucontext.h>
