@@ -99,7 +99,8 @@ def load_emulated_library(address_sanitizer: bool = False) -> None:
     for header in sorted(INCLUDE.rglob("*.h")):
         digest.update(header.read_bytes())
     flavour = "-emulated-cuda" + ("-asan" if address_sanitizer else "")
-    directory = build_directory("cpu").with_name(build_directory("cpu").name + flavour)
+    cpu_build = build_directory("cpu")
+    directory = cpu_build.with_name(cpu_build.name + flavour)
     source_dir = directory / "src"
     for name, text in sources.items():
         target = source_dir / name

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from alter_ds.ops import is_gated
+from alter_ds.ops import grouped_adapter_loop, is_gated
+
+GRAD_NAMES = ["x", "ids", "weights", "w_down", "b_down", "w_up", "b_up"]
 
 # fp32 comparisons: the two paths sum in different orders; 1e-5 relative covers it at these sizes.
 RTOL, ATOL = 1e-5, 1e-5
@@ -40,6 +42,36 @@ def run(fn, tensors, activation):
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(y))  # fp16 cannot count to N·d
     grads = [t.grad if t is not None and t.is_floating_point() else None for t in leaves]
     return y.detach(), grads
+
+
+def rounded(tensors, dtype, weights_dtype=None):
+    """The floating inputs in ``dtype`` (the mixture weights in ``weights_dtype`` when given, as routers pass fp32)."""
+    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    if weights_dtype is not None:
+        low[2] = low[2].to(weights_dtype)
+    return low
+
+
+def relative_error(got, want):
+    """max |got - want| / max |want|, in float64 on the CPU."""
+    want = want.cpu().double()
+    return ((got.cpu().double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def errors_against_loop(fn, tensors, activation):
+    """``fn``'s y and every gradient against the loop oracle run in fp64 on the same (possibly rounded) values:
+    name -> relative_error. Each output must come back in its input's dtype."""
+    y, grads = run(fn, tensors, activation)
+    exact = [t.cpu().double() if t is not None and t.is_floating_point() else t for t in tensors]
+    y_ref, grads_ref = run(grouped_adapter_loop, exact, activation)
+    errors = {}
+    for name, tensor, got, want in [("y", tensors[0], y, y_ref), *zip(GRAD_NAMES, tensors, grads, grads_ref)]:
+        if want is None:
+            assert got is None, name
+            continue
+        assert got is not None and got.shape == want.shape and got.dtype == tensor.dtype, name
+        errors[name] = relative_error(got, want)
+    return errors
 
 
 CASES = {

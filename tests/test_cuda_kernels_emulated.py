@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from emulated_cuda import emulated_grouped_adapter, launched_kernels, load_emulated_library
-from grouped_inputs import make_inputs, run
-from test_grouped_adapter_kernels import GRAD_NAMES, KERNEL_CASES
+from grouped_inputs import GRAD_NAMES, errors_against_loop, make_inputs, relative_error, rounded, run
+from test_grouped_adapter_kernels import KERNEL_CASES
 
-from alter_ds.ops import grouped_adapter_loop
 from alter_ds.ops.grouped_adapter import ACTIVATIONS
 
 ROUTING = ["count_experts_kernel", "scatter_assignments_kernel", "build_segments_kernel"]
@@ -32,25 +31,7 @@ def emulated_library():
 
 
 def relative_errors(tensors, activation):
-    """Max |kernel - oracle| / max |oracle| of y and every gradient; the oracle runs in fp64 on the same values."""
-    y, grads = run(emulated_grouped_adapter, tensors, activation)
-    exact = [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-    y_ref, grads_ref = run(grouped_adapter_loop, exact, activation)
-    errors = {}
-    for name, got, want in [("y", y, y_ref), *zip(GRAD_NAMES, grads, grads_ref)]:
-        if want is None:
-            assert got is None, name
-            continue
-        assert got is not None and got.shape == want.shape, name
-        errors[name] = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    return errors
-
-
-def in_dtype(tensors, dtype, weights_dtype=None):
-    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
-    if weights_dtype is not None:
-        low[2] = low[2].to(weights_dtype)
-    return low
+    return errors_against_loop(emulated_grouped_adapter, tensors, activation)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
@@ -96,7 +77,7 @@ def test_tensor_core_kernels_match_the_loop(case, dtype):
     covers the outputs' rounding to 8 (bf16) or 11 (fp16) bits; the fp32 intermediates are fed to the MMAs as two
     16-bit terms, so a wrong split or a lost term shows as errors well above that."""
     tensors, act = make_inputs(**TENSOR_CORE_CASES[case], activation=ACTIVATION_OF.get(case, "gelu"))
-    errors = relative_errors(in_dtype(tensors, dtype, weights_dtype=torch.float32), act)
+    errors = relative_errors(rounded(tensors, dtype, weights_dtype=torch.float32), act)
     assert max(errors.values()) < 1e-2, errors
     launched = launched_kernels()
     assert launched.count(TENSOR_CORE) == 2 and not set(GENERIC) & set(launched), launched
@@ -105,7 +86,7 @@ def test_tensor_core_kernels_match_the_loop(case, dtype):
 @pytest.mark.parametrize("case", ["r16_multi_tile", "r17_k2_gelu_d200", "r64_swiglu"])
 def test_forced_generic_kernels_agree_with_the_tensor_core_kernels(case, monkeypatch):
     tensors, act = make_inputs(**TENSOR_CORE_CASES[case], activation=ACTIVATION_OF.get(case, "gelu"))
-    low = in_dtype(tensors, torch.bfloat16, weights_dtype=torch.float32)
+    low = rounded(tensors, torch.bfloat16, weights_dtype=torch.float32)
     y_tc, grads_tc = run(emulated_grouped_adapter, low, act)
     launched_kernels()
     monkeypatch.setenv("ALTER_DS_CUDA_GENERIC", "1")
@@ -113,15 +94,14 @@ def test_forced_generic_kernels_agree_with_the_tensor_core_kernels(case, monkeyp
     assert TENSOR_CORE not in launched_kernels()
     for name, a, b in [("y", y_tc, y_generic), *zip(GRAD_NAMES, grads_tc, grads_generic)]:
         if a is not None:
-            scale = b.double().abs().max().clamp_min(1e-30)
-            assert ((a.double() - b.double()).abs().max() / scale).item() < 1e-2, name
+            assert relative_error(a, b) < 1e-2, name
 
 
 def test_misaligned_rows_take_the_generic_kernels():
     """The tensor-core kernels load rows 16 bytes at a time; x or grad_y starting 2 bytes into its storage must
     go to the generic kernels, with the same results."""
     tensors, act = make_inputs(n=150, d=32, r=16, experts=2, k=1, activation="gelu")
-    args = in_dtype(tensors, torch.bfloat16, weights_dtype=torch.float32)
+    args = rounded(tensors, torch.bfloat16, weights_dtype=torch.float32)
     grad_y = torch.randn(150, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
     def misaligned(t):
@@ -143,8 +123,7 @@ def test_misaligned_rows_take_the_generic_kernels():
         ("hidden", hidden, hidden_shifted),
         *zip(["x", "weights", "w_down", "b_down", "w_up", "b_up"], grads, grads_shifted),
     ]:
-        scale = a.double().abs().max().clamp_min(1e-30)
-        assert ((a.double() - b.double()).abs().max() / scale).item() < 1e-2, name
+        assert relative_error(b, a) < 1e-2, name
 
 
 def test_routing_with_more_experts_than_one_scan_block():
@@ -169,8 +148,7 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 from emulated_cuda import emulated_grouped_adapter, load_emulated_library
-from grouped_inputs import make_inputs, run
-from alter_ds.ops import grouped_adapter_loop
+from grouped_inputs import errors_against_loop, make_inputs, rounded
 
 load_emulated_library(address_sanitizer=True)
 cases = [
@@ -182,13 +160,8 @@ cases = [
 ]
 for dtype, case, activation in cases:
     tensors, _ = make_inputs(**case, activation=activation)
-    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
-    y, grads = run(emulated_grouped_adapter, low, activation)
-    exact = [t.double() if t is not None and t.is_floating_point() else t for t in low]
-    y_ref, grads_ref = run(grouped_adapter_loop, exact, activation)
-    for got, want in zip([y, *grads], [y_ref, *grads_ref]):
-        if want is not None:
-            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2, case
+    errors = errors_against_loop(emulated_grouped_adapter, rounded(tensors, dtype), activation)
+    assert max(errors.values()) < 1e-2, (case, errors)
 print("sanitized run ok")
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from grouped_inputs import CASES, make_inputs, run
+from grouped_inputs import CASES, GRAD_NAMES, errors_against_loop, make_inputs, rounded, run
 
 from alter_ds.ops import grouped_adapter, grouped_adapter_loop
 from alter_ds.ops.build import cuda_buildable, load_cuda_extension, load_extension
@@ -23,7 +23,6 @@ from alter_ds.ops.grouped_adapter import ACTIVATIONS, IMPLEMENTATION_ENV
 from alter_ds.ops.kernels import has_kernel
 
 REPO = Path(__file__).resolve().parents[1]
-GRAD_NAMES = ["x", "ids", "weights", "w_down", "b_down", "w_up", "b_up"]
 
 KERNEL_CASES = {
     **CASES,
@@ -97,15 +96,8 @@ def test_half_precision_accumulates_in_float32(device, dtype, activation):
     is the rounding of the outputs and of the pre-activation, not of sums over 3000 tokens (bias gradients sum
     over every token of an expert; summed in bf16 they would be off by several percent)."""
     tensors, act = make_inputs(n=3000, d=40, r=8, experts=4, k=2, activation=activation, dtype=torch.float64)
-    low = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
-    y, grads = run(grouped_adapter, on(device, low), act)
-    exact = [t.double() if t is not None and t.is_floating_point() else t for t in low]
-    y_ref, grads_ref = run(grouped_adapter_loop, exact, act)
-    for name, got, want in [("y", y, y_ref), *zip(GRAD_NAMES, grads, grads_ref)]:
-        if want is None:
-            continue
-        assert got.dtype == dtype, name
-        error = (got.cpu().double() - want).abs().max() / want.abs().max()
+    errors = errors_against_loop(grouped_adapter, on(device, rounded(tensors, dtype)), act)
+    for name, error in errors.items():
         assert error < 1e-2, f"{name}: max error {error:.2e} of the largest value"
 
 
@@ -221,15 +213,7 @@ def test_cuda_paths_in_bfloat16_at_model_widths(device, monkeypatch, shape, acti
     if path == "generic":
         monkeypatch.setenv("ALTER_DS_CUDA_GENERIC", "1")
     tensors, act = make_inputs(**GPU_SHAPES[shape], activation=activation, dtype=torch.float64)
-    low = [
-        t.to(torch.bfloat16) if t is not None and t.is_floating_point() and i != 2 else t for i, t in enumerate(tensors)
-    ]
-    low[2] = low[2].float()
-    y, grads = run(grouped_adapter, on(device, low), act)
-    exact = [t.double() if t is not None and t.is_floating_point() else t for t in low]
-    y_ref, grads_ref = run(grouped_adapter_loop, exact, act)
-    for name, got, want in [("y", y, y_ref), *zip(GRAD_NAMES, grads, grads_ref)]:
-        if want is None:
-            continue
-        error = (got.cpu().double() - want).abs().max() / want.abs().max().clamp_min(1e-30)
+    low = rounded(tensors, torch.bfloat16, weights_dtype=torch.float32)
+    errors = errors_against_loop(grouped_adapter, on(device, low), act)
+    for name, error in errors.items():
         assert error < 1e-2, f"{name}: max error {error:.2e} of the largest value"

@@ -365,8 +365,8 @@ inline void fiber_main() {
   switch_to_scheduler(true);  // never resumed
 }
 
-// Runs one block to completion; false on a deadlock.
-inline bool run_block(Launch& l) {
+// Runs one block to completion, or until a deadlock (recorded as the launch's failure).
+inline void run_block(Launch& l) {
   l.block_barrier.reset(l.threads);
   for (size_t w = 0; w < l.warps.size(); ++w) l.warps[w].barrier.reset(std::min(32, l.threads - static_cast<int>(w) * 32));
   std::memset(l.shared, kPoisonByte, l.shared_bytes);
@@ -423,7 +423,7 @@ inline bool run_block(Launch& l) {
       }
       l.fail("deadlock in block " + std::to_string(blockIdx.x) + ": threads wait at line(s) " + lines +
              " that the others never reach");
-      return false;
+      return;
     }
   }
   const unsigned char* guard = l.shared + l.shared_bytes;
@@ -433,7 +433,6 @@ inline bool run_block(Launch& l) {
       break;
     }
   }
-  return true;
 }
 
 inline void run_launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& kernel) {
@@ -466,7 +465,7 @@ inline void run_launch(dim3 grid, dim3 block, size_t shared_bytes, const std::fu
     for (unsigned y = 0; y < grid.y && l.failure.empty(); ++y) {
       for (unsigned x = 0; x < grid.x && l.failure.empty(); ++x) {
         blockIdx = {x, y, z};
-        if (!run_block(l)) break;
+        run_block(l);
       }
     }
   }
