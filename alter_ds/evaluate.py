@@ -7,13 +7,22 @@ each label text after the prompt (no free-form parsing); other tasks generate gr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from alter_ds.config import TaskConfig
-from alter_ds.data.collate import MultiTaskCollator, TokenizedExample, token_losses, tokenize_example, truncate
+from alter_ds.data.collate import (
+    IGNORE_INDEX,
+    MultiTaskCollator,
+    TokenizedExample,
+    encode_prompt,
+    encode_target,
+    token_losses,
+    tokenize_example,
+)
 from alter_ds.data.tasks import Example
 from alter_ds.metrics import score
 
@@ -44,13 +53,44 @@ def _device(model: Any) -> torch.device:
 Item = tuple[int, int, Example]  # (task id, index in the task's split, example)
 
 
+def _label_options(task: TaskConfig) -> list[str]:
+    return list(dict.fromkeys(task.labels.values()))
+
+
+def _predict(options: list[str], scores: list[float]) -> str:
+    return options[max(range(len(options)), key=scores.__getitem__)]
+
+
 @torch.no_grad()
 def _score_labels(
     model: Any, tokenizer: Any, tasks: Sequence[TaskConfig], items: list[Item], seq2seq: bool, batch_size: int
 ) -> list[str]:
-    """Each item's best label by mean token log-likelihood; (item, label) pairs of all tasks share batches."""
+    """Each item's best label by mean token log-likelihood (length-normalised, eos included)."""
+    if _shares_prompts(model, seq2seq):
+        scores = label_scores_shared_prompt(model, tokenizer, tasks, items, seq2seq, batch_size)
+    else:
+        scores = label_scores_per_pair(model, tokenizer, tasks, items, seq2seq, batch_size)
+    return [_predict(_label_options(tasks[task_id]), row) for (task_id, _, _), row in zip(items, scores)]
+
+
+def _shares_prompts(model: Any, seq2seq: bool) -> bool:
+    """The shared-prompt path needs the routing context (an MTAModel) and, for decoder-only models, a
+    backbone that takes ``position_ids`` (so a left-padded prompt sees the positions of a right-padded one)."""
+    if not hasattr(model, "routed"):
+        return False
+    return seq2seq or "position_ids" in inspect.signature(model.backbone.forward).parameters
+
+
+@torch.no_grad()
+def label_scores_per_pair(
+    model: Any, tokenizer: Any, tasks: Sequence[TaskConfig], items: list[Item], seq2seq: bool, batch_size: int
+) -> list[list[float]]:
+    """Mean label-token log-likelihood of every (item, label) pair, one full forward per pair.
+
+    The reference for ``label_scores_shared_prompt``: (item, label) pairs of all tasks share batches.
+    """
     collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq, padding_side="right")
-    candidates = [list(dict.fromkeys(tasks[task_id].labels.values())) for task_id, _, _ in items]
+    candidates = [_label_options(tasks[task_id]) for task_id, _, _ in items]
     pairs = [
         tokenize_example(tokenizer, tasks[task_id], task_id, example.prompt, label, seq2seq)
         for (task_id, _, example), labels in zip(items, candidates)
@@ -63,12 +103,118 @@ def _score_labels(
         logits = model(**batch, labels=labels).logits if seq2seq else model(**batch).logits
         losses, mask = token_losses(logits, labels, seq2seq)
         scores += (-(losses * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
-    predictions, offset = [], 0
+    rows, offset = [], 0
     for options in candidates:
-        chunk = scores[offset : offset + len(options)]
-        predictions.append(options[max(range(len(options)), key=chunk.__getitem__)])
+        rows.append(scores[offset : offset + len(options)])
         offset += len(options)
-    return predictions
+    return rows
+
+
+#: label-scoring rows x label tokens per continuation forward: bounds the [rows, tokens, vocab] logits
+SHARED_PROMPT_TOKEN_BUDGET = 1024
+
+
+@torch.no_grad()
+def label_scores_shared_prompt(
+    model: Any, tokenizer: Any, tasks: Sequence[TaskConfig], items: list[Item], seq2seq: bool, batch_size: int
+) -> list[list[float]]:
+    """``label_scores_per_pair`` from one prompt forward per item instead of one per (item, label).
+
+    Items are grouped by task, so every prompt of a chunk has the same labels. Decoder-only: the prompts run
+    once, left-padded with explicit positions, into a KV cache that is repeated for each label; the labels'
+    tokens then run on top of it, and the prompt's last logits score each label's first token.
+    Encoder-decoder: the encoder runs once per prompt and its output is repeated for each label's decoder
+    pass. Routing is the same as the per-pair forward: task ids repeat with the rows and gate features are
+    pooled over the prompt tokens on the prompt's forward and reused (``MTAModel.routed``).
+    """
+    device = _device(model)
+    by_task: dict[int, list[int]] = {}
+    for position, (task_id, _, _) in enumerate(items):
+        by_task.setdefault(task_id, []).append(position)
+    scores: list[list[float]] = [[] for _ in items]
+    for task_id, positions in by_task.items():
+        task = tasks[task_id]
+        label_ids = [encode_target(tokenizer, task, label, seq2seq) for label in _label_options(task)]
+        width = max(len(ids) for ids in label_ids)
+        per_chunk = max(1, min(batch_size, SHARED_PROMPT_TOKEN_BUDGET // (len(label_ids) * width)))
+        score_chunk = _seq2seq_label_scores if seq2seq else _decoder_label_scores
+        for start in range(0, len(positions), per_chunk):
+            chunk = positions[start : start + per_chunk]
+            prompts = [encode_prompt(tokenizer, task, items[p][2].prompt) for p in chunk]
+            rows = score_chunk(model, prompts, label_ids, task_id, tokenizer.pad_token_id, device)
+            for position, row in zip(chunk, rows):
+                scores[position] = row
+    return scores
+
+
+def _padded(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
+
+
+def _mean_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the masked target tokens of log p(target), per row; ``logits [R, T, V]``, ``targets [R, T]``."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (log_probs * mask).sum(1)
+
+
+def _decoder_label_scores(
+    model: Any, prompts: list[list[int]], label_ids: list[list[int]], task_id: int, pad: int, device: torch.device
+) -> list[list[float]]:
+    num_labels, width = len(label_ids), max(len(ids) for ids in label_ids)
+    input_ids = _padded(prompts, pad, left=True).to(device)
+    attention = _padded([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    positions = (attention.cumsum(1) - 1).clamp_min(0)
+    labels = _padded(label_ids, IGNORE_INDEX, left=False).to(device)  # [L, width]
+    label_mask = (labels != IGNORE_INDEX).float()
+    with model.routed([task_id] * len(prompts), generating=True):
+        out = model.backbone(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, labels[:, 0]]  # [P, L]
+        total = first.reshape(-1)
+        if width > 1:  # the labels' tokens (all but the last) on top of the prompt's cache, one row per label
+            # transformers 5.x names the KV cache "cache", 4.x "past_key_values"
+            cache_key = (
+                "cache" if "cache" in inspect.signature(model.backbone.forward).parameters else "past_key_values"
+            )
+            cache = getattr(out, cache_key)
+            cache.batch_repeat_interleave(num_labels)
+            continuation = labels[:, :-1].repeat(len(prompts), 1)
+            continuation_mask = label_mask[:, :-1].repeat(len(prompts), 1).long()
+            mask = torch.cat([attention.repeat_interleave(num_labels, 0), continuation_mask], dim=1)
+            start = attention.sum(1).repeat_interleave(num_labels)[:, None]
+            later = model.backbone(
+                input_ids=continuation.clamp_min(0).masked_fill(continuation_mask == 0, pad),
+                attention_mask=mask,
+                position_ids=start + torch.arange(width - 1, device=device),
+                use_cache=False,
+                **{cache_key: cache},
+            )
+            targets = labels[:, 1:].repeat(len(prompts), 1)
+            total = total + _mean_log_likelihood(later.logits, targets, label_mask[:, 1:].repeat(len(prompts), 1))
+    lengths = label_mask.sum(1).repeat(len(prompts))
+    return (total / lengths).reshape(len(prompts), num_labels).tolist()
+
+
+def _seq2seq_label_scores(
+    model: Any, prompts: list[list[int]], label_ids: list[list[int]], task_id: int, pad: int, device: torch.device
+) -> list[list[float]]:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    num_labels = len(label_ids)
+    input_ids = _padded(prompts, pad, left=False).to(device)
+    attention = _padded([[1] * len(p) for p in prompts], 0, left=False).to(device)
+    with model.routed([task_id] * len(prompts)):
+        encoded = model.backbone.get_encoder()(input_ids=input_ids, attention_mask=attention)
+    hidden = encoded.last_hidden_state.repeat_interleave(num_labels, 0)
+    labels = _padded(label_ids, IGNORE_INDEX, left=False).to(device).repeat(len(prompts), 1)
+    logits = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+        attention_mask=attention.repeat_interleave(num_labels, 0),
+        labels=labels,
+        task_ids=[task_id] * hidden.shape[0],
+    ).logits
+    mask = (labels != IGNORE_INDEX).float()
+    return (_mean_log_likelihood(logits, labels, mask) / mask.sum(1)).reshape(len(prompts), num_labels).tolist()
 
 
 @torch.no_grad()
@@ -85,7 +231,7 @@ def _generate(
         prompts = []
         for task_id, _, example in chunk:
             task = tasks[task_id]
-            ids = truncate(tokenizer(example.prompt)["input_ids"], task.max_input_tokens, task.truncation)
+            ids = encode_prompt(tokenizer, task, example.prompt)
             prompts.append(TokenizedExample(task_id, ids, ids, len(ids)))
         batch = collator(prompts)
         limits = [tasks[task_id].max_target_tokens for task_id, _, _ in chunk]

@@ -44,24 +44,33 @@ def truncate(ids: list[int], limit: int, side: str) -> list[int]:
     return ids[-limit:] if side == "left" else ids[:limit]
 
 
+def encode_prompt(tokenizer: Any, task: TaskConfig, prompt: str) -> list[int]:
+    """The prompt's token ids as the model sees them (special tokens added, truncated per task)."""
+    return truncate(tokenizer(prompt)["input_ids"], task.max_input_tokens, task.truncation)
+
+
+def encode_target(tokenizer: Any, task: TaskConfig, target: str, seq2seq: bool) -> list[int]:
+    """The target's token ids, ending in eos, truncated per task; tokenised apart from the prompt, so one
+    label's ids are the same after every prompt (label scoring shares the prompt's forward)."""
+    eos = tokenizer.eos_token_id
+    if seq2seq:
+        target_ids = tokenizer(text_target=target)["input_ids"]
+        if eos is not None and (not target_ids or target_ids[-1] != eos):
+            target_ids = [*target_ids, eos]
+        return list(target_ids[: task.max_target_tokens])
+    target_ids = tokenizer(task.target_prefix + target, add_special_tokens=False)["input_ids"]
+    target_ids = target_ids[: task.max_target_tokens - (1 if eos is not None else 0)]
+    return [*target_ids, eos] if eos is not None else list(target_ids)
+
+
 def tokenize_example(
     tokenizer: Any, task: TaskConfig, task_id: int, prompt: str, target: str, seq2seq: bool
 ) -> TokenizedExample:
     """One example's token ids and labels for the model kind (see the module docstring)."""
-    eos = tokenizer.eos_token_id
+    prompt_ids = encode_prompt(tokenizer, task, prompt)
+    target_ids = encode_target(tokenizer, task, target, seq2seq)
     if seq2seq:
-        prompt_ids = truncate(tokenizer(prompt)["input_ids"], task.max_input_tokens, task.truncation)
-        target_ids = tokenizer(text_target=target)["input_ids"]
-        if eos is not None and (not target_ids or target_ids[-1] != eos):
-            target_ids = [*target_ids, eos]
-        target_ids = target_ids[: task.max_target_tokens]
         return TokenizedExample(task_id, prompt_ids, target_ids, len(prompt_ids))
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    prompt_ids = truncate(prompt_ids, task.max_input_tokens, task.truncation)
-    target_ids = tokenizer(task.target_prefix + target, add_special_tokens=False)["input_ids"]
-    target_ids = target_ids[: task.max_target_tokens - (1 if eos is not None else 0)]
-    if eos is not None:
-        target_ids = [*target_ids, eos]
     return TokenizedExample(
         task_id, prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, len(prompt_ids)
     )

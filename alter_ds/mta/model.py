@@ -8,6 +8,7 @@ switch the router, choose what trains.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -174,13 +175,25 @@ class MTAModel(nn.Module):
         Rows expanded by generate (beams, return sequences) inherit their example's task; gate features are
         pooled on the prompt forward and reused for every generated token.
         """
-        ids = self.resolve_task_ids(task_ids, self._batch_size(args, kwargs), self._device())
-        self.context.reset(ids, None, generating=True)
-        try:
+        with self.routed(task_ids, self._batch_size(args, kwargs), generating=True):
             return typing.cast(Any, self.backbone).generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def routed(
+        self, task_ids: Any, batch: int | None = None, prompt_mask: torch.Tensor | None = None, generating: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Route the backbone calls made inside the block by ``task_ids``; cleared on exit.
+
+        ``generating=True`` is how several backbone calls share one prompt: the first call pools the gate
+        features over its tokens and later calls (more tokens after a KV cache, rows repeated per prompt)
+        reuse them, as ``generate`` does.
+        """
+        ids = self.resolve_task_ids(task_ids, batch, self._device())
+        self.context.reset(ids, prompt_mask, generating=generating)
+        try:
+            yield ids
         finally:
-            self.context.generating = False
-            self.context.prompt_features = {}
+            self.context.reset(None, None, generating=False)
 
     def set_step(self, step: int) -> None:
         """The optimizer step the temperature schedules read."""
