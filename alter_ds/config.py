@@ -169,7 +169,8 @@ class MTAConfig:
     #: after_ffn / after_attention: a residual bottleneck on that sub-layer's output; replace_ffn: experts
     #: take the place of the feed-forward sub-layer (required by, and the default for, ``ffn`` experts).
     position: Literal["after_ffn", "after_attention", "replace_ffn"] | None = None
-    #: "all", "middle" (one layer, index L // 2) or explicit layer indices; per stack below when given.
+    #: "all", "middle" (one layer, index L // 2), explicit layer indices, or "none"; per stack below when
+    #: given. "none" everywhere is the plain backbone without MTA (the full fine-tuning baseline).
     layers: str | list[int] = "all"
     encoder_layers: str | list[int] | None = None
     decoder_layers: str | list[int] | None = None
@@ -189,6 +190,10 @@ class MTAConfig:
         if self.position is not None:
             return self.position
         return "replace_ffn" if self.expert_kind == "ffn" else "after_ffn"
+
+    def injects_nothing(self) -> bool:
+        """No MTA block anywhere, asked for explicitly: the model is the bare backbone."""
+        return self.layers == "none" and all(s in (None, "none") for s in (self.encoder_layers, self.decoder_layers))
 
     def validate(self) -> None:
         for key in ("layers", "encoder_layers", "decoder_layers"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TASKS, batch_inputs, make_model, perturb_experts
 
-from alter_ds.config import AddExpertsConfig, RouterConfig, StageConfig
+from alter_ds.config import AddExpertsConfig, MTAConfig, RouterConfig, StageConfig
 from alter_ds.mta import MTAModel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -243,3 +243,23 @@ def test_saved_backbone_keeps_the_pretrained_ffn_for_later_experts(tmp_path):
     loaded = MTAModel.from_pretrained(tmp_path / "stage1")
     loaded.add_shared_experts(1, init="pretrained")
     torch.testing.assert_close(loaded.blocks["encoder.1"].shared_experts.w_down[0], original, rtol=0, atol=0)
+
+
+def test_layers_none_is_the_bare_backbone_that_trains_saves_and_exports(tmp_path):
+    """The full fine-tuning baseline: no MTA block, the whole backbone trainable, the artefact round-trips."""
+    from tiny_models import tiny_backbone
+
+    model = MTAModel(tiny_backbone("llama"), MTAConfig(layers="none"), TASKS)
+    reference = tiny_backbone("llama")
+    assert model.blocks == {}
+    counts = model.set_trainable(["backbone"])
+    assert counts["backbone"][0] == counts["backbone"][1] > 0
+    inputs = {"input_ids": torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(0))}
+    expected = reference(**inputs).logits
+    torch.testing.assert_close(model(**inputs, task_ids=[0, 2]).logits, expected, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "model")
+    loaded = MTAModel.from_pretrained(tmp_path / "model")
+    torch.testing.assert_close(loaded(**inputs, task_ids=[1, 1]).logits, expected, rtol=0, atol=0)
+    model.export_task(tmp_path / "export", "topic", check_inputs=inputs)
+    with pytest.raises(ValueError, match="say layers: none"):
+        MTAModel(tiny_backbone("llama"), MTAConfig(layers=[]), TASKS)

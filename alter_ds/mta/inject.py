@@ -263,8 +263,10 @@ def inject_mta(
                 )
                 setattr(owner, out_name, MTAWrapped(projection, block))
             blocks[name] = block
-    if not blocks:
-        raise InjectionError("the mta layer selection chose no layer in any stack")
+    if not blocks and not config.injects_nothing():
+        raise InjectionError(
+            "the mta layer selection chose no layer in any stack (say layers: none for a model without MTA)"
+        )
     hooks = _install_context_hooks(stacks, context, is_encoder_decoder)
     return InjectionResult(blocks, stacks, hooks)
 

@@ -429,7 +429,7 @@ class MTAModel(nn.Module):
                 state[f"{block_name}.router.{key}"] = tensor.detach().contiguous().clone()
         metadata = self._metadata()
         metadata["router"] = dataclasses.asdict(router_config)
-        metadata["layout"] = next(iter(block_layouts.values()))
+        metadata["layout"] = next(iter(block_layouts.values()), dataclasses.asdict(ExpertLayout(1, 1, 0)))
         metadata["block_layouts"] = block_layouts
         metadata["exported_from_task"] = self.task_names[task_index]
         info = self.tasks[task_index]
