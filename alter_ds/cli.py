@@ -1,7 +1,4 @@
-"""The ``alter-ds`` command: prepare the default data, check a config, show what each stage trains.
-
-Training and evaluation subcommands join as those parts land.
-"""
+"""The ``alter-ds`` command: prepare data and the model, check a config, train, evaluate, run a study."""
 
 from __future__ import annotations
 
@@ -10,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from alter_ds.config import ConfigError, ExperimentConfig, load_config
+from alter_ds.study import StudyError
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -104,6 +102,18 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from alter_ds.study import Study, report
+
+    study = Study(args.study)
+    if args.report_only:
+        report(study)
+        print(f"report: {study.root / 'results.md'}")
+    else:
+        study.run()
+    return 0
+
+
 def _build_extension(args: argparse.Namespace) -> int:
     from alter_ds.ops import build
 
@@ -144,13 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluation.add_argument("--split", default="test", choices=["dev", "test"])
     evaluation.add_argument("--max-examples", type=int, default=None, help="per task")
     evaluation.set_defaults(run=_evaluate_run)
+    study = commands.add_parser("study", help="arms x seeds through the trainer, scored on the same test examples")
+    study.add_argument("study", help="study YAML (see configs/study/)")
+    study.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")
+    study.set_defaults(run=_study)
     extension = commands.add_parser("build-ext", help="compile the grouped adapter kernels now instead of on first use")
     extension.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     extension.set_defaults(run=_build_extension)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (ConfigError, StudyError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"alter-ds: {error}", file=sys.stderr)
         return 2
 

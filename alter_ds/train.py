@@ -438,7 +438,9 @@ def _evaluate(model: MTAModel, env: dict[str, Any], config: ExperimentConfig, na
         config.training.eval_max_examples,
     )
     usage = _gathered_usage(model)
-    env["logger"].routing(usage, step, f"eval/{name}", heatmap=True)
+    env["logger"].routing(
+        usage, step, f"eval/{name}", heatmap=True, save_to=env["run_dir"] / "eval" / f"{name}_routing"
+    )
     if env["rank"] == 0:
         env["logger"].scalars({f"eval/{t}/{r['metric']}": r["score"] for t, r in results.items()}, step)
         out = env["run_dir"] / "eval"

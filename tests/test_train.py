@@ -157,10 +157,18 @@ def test_tensorboard_events_hold_the_training_story(full_run):
         "train_loss/parity",
     ):
         assert f"stage1/{tag}" in scalars, tag
-    assert any(t.startswith("stage1/routing/router_entropy/") for t in scalars)
-    assert any(t.startswith("stage2/routing/expert_usage/") for t in scalars)
+    # routing as summaries: per task, and per layer entropy and top share; never one chart per layer x expert
+    tasks, layers = len(task_specs(["string", "rule"])), 2
+    for prefix in ("stage1/routing", "stage2/routing", "eval/stage2"):
+        routing = {t for t in scalars if t.startswith(f"{prefix}/") and ("/entropy/" in t or "/layer_" in t)}
+        assert f"{prefix}/entropy/reverse" in scalars and f"{prefix}/layer_top_share/decoder.0" in scalars
+        assert len(routing) == tasks + 2 * layers
+    assert not any("expert_usage" in t for t in scalars)
     assert "eval/reverse/exact_match" in scalars and "eval/parity/accuracy" in scalars
-    assert any(t.endswith("usage_heatmap") for t in events.Tags()["images"])
+    assert "eval/stage2/routing" in events.Tags()["images"]
+    saved = json.loads((run / "eval" / "stage2_routing.json").read_text())
+    assert len(saved["tasks"]) == tasks and set(saved["layers"]) == {"decoder.0", "decoder.1"}
+    assert (run / "eval" / "stage2_routing.png").stat().st_size > 10_000
     assert len(events.Scalars("stage1/train/loss")) == STAGE1_STEPS
 
 

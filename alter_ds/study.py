@@ -1,0 +1,447 @@
+"""``alter-ds study STUDY.yaml``: arms x seeds as ordinary runs, all scored on the same test examples.
+
+A study names a base experiment (model, tasks, data, training: what every arm shares) and its arms. An arm
+takes its method (``mta`` and ``stages``) from a YAML file, e.g. a preset or ``configs/arms/*.yaml``, and
+may override any part of the result (``stages`` and ``tasks`` by name). Each (arm, seed) becomes an
+experiment config under ``<output_dir>/<study>/configs/`` and a run directory under ``runs/``, trained by
+the normal trainer through the DeepSpeed launcher, then evaluated on the first ``eval.max_examples`` test
+examples of every task — the same examples for every arm and seed.
+
+The study is resumable: a run with its evaluation on disk is skipped, a run killed mid-training resumes
+from its checkpoint (the trainer's ``--resume auto``), and a run whose config changed since it ran is an
+error rather than a silent mix of old and new results. ``report`` then writes ``results.json``,
+``results.md`` and the figures from whatever has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from alter_ds.config import ConfigError, ExperimentConfig, config_from_dict, load_config, require
+
+STUDY_EVAL_FILE = "study_eval.json"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StudyError(RuntimeError):
+    """A study that cannot go on; the message names the arm, run or file."""
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class ArmConfig:
+    """One arm: a method file and overrides, run once per seed."""
+
+    name: str
+    #: a YAML file whose ``mta`` and ``stages`` are the arm's method (other sections are ignored)
+    method: str | None = None
+    #: merged into the experiment; ``stages`` and ``tasks`` as mappings by name, e.g. {stages: {stage1: {steps: 50}}}
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: seeds of this arm (default: the study's)
+    seeds: list[int] | None = None
+
+    def validate(self) -> None:
+        import re
+
+        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)), "name", "a plain name (letters, -, _)")
+        require(self.seeds is None or len(self.seeds) > 0, "seeds", "list at least one seed")
+
+
+@dataclass
+class StudyEvalConfig:
+    split: Literal["dev", "test"] = "test"
+    #: the first this many examples of each task's split (every arm and seed sees the same ones)
+    max_examples: int | None = 200
+    #: the seed the split is loaded with (builders generate from it; file splits are fixed)
+    seed: int = 0
+    batch_size: int = 16
+    #: evaluate the backbone once as a reference row
+    backbone: bool = True
+    #: evaluate every stage's model (stage 1 and stage 2 of two-stage arms) or only the last
+    stages: Literal["last", "all"] = "all"
+
+    def validate(self) -> None:
+        require(self.max_examples is None or self.max_examples >= 1, "max_examples", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
+class StudyConfig:
+    """A study file: see the module docstring."""
+
+    name: str
+    #: the experiment every arm starts from (model, tasks, data, training)
+    base: str
+    arms: list[ArmConfig]
+    #: ARG of every arm is against this arm's mean
+    baseline: str
+    seeds: list[int] = field(default_factory=lambda: [0])
+    #: merged into the base before the arm (e.g. training sizes for this study)
+    base_overrides: dict[str, Any] = field(default_factory=dict)
+    eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
+    #: processes per run (GPUs, or CPU ranks)
+    ranks: int = 1
+    output_dir: str = "studies"
+
+    def validate(self) -> None:
+        names = [arm.name for arm in self.arms]
+        require(bool(names), "arms", "list at least one arm")
+        for index, name in enumerate(names):
+            require(name not in names[:index], ("arms", index, "name"), f"duplicate arm {name!r}")
+        require(self.baseline in names, "baseline", f"unknown arm {self.baseline!r}; arms are {names}")
+        require(bool(self.seeds), "seeds", "list at least one seed")
+        require(self.ranks >= 1, "ranks", "must be >= 1")
+
+    def arm_seeds(self, arm: ArmConfig) -> list[int]:
+        return list(arm.seeds if arm.seeds is not None else self.seeds)
+
+
+# ------------------------------------------------------------------------------------ composition
+def merge(base: Any, override: Any, where: str) -> Any:
+    """``override`` merged into ``base``: mappings key by key; ``stages``/``tasks`` mappings by name."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        if key in ("stages", "tasks") and isinstance(value, dict) and isinstance(base.get(key), list):
+            merged[key] = _merge_by_name(base[key], value, f"{where}.{key}")
+        elif key in base:
+            merged[key] = merge(base[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _merge_by_name(items: list[Any], overrides: dict[str, Any], where: str) -> list[Any]:
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    unknown = [name for name in overrides if name not in names]
+    if unknown:
+        raise StudyError(f"{where}: no entry named {unknown[0]!r}; the names are {names}")
+    return [merge(item, overrides.get(item.get("name"), {}), f"{where}.{item.get('name')}") for item in items]
+
+
+def _find(path: str, study_file: Path) -> Path:
+    """A path as given (relative to where the study runs), else relative to the study file."""
+    for candidate in (Path(path), study_file.parent / path):
+        if candidate.is_file():
+            return candidate
+    raise StudyError(f"{study_file}: {path} not found (relative to {Path.cwd()} or {study_file.parent})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: expected a mapping at the top")
+    return data
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    name: str
+    config_path: Path
+    run_dir: Path
+
+
+class Study:
+    """A loaded study: its config, where it lives, and the runs it consists of."""
+
+    def __init__(self, path: str | Path):
+        self.file = Path(path)
+        self.config: StudyConfig = load_config(self.file, StudyConfig)
+        self.root = Path(self.config.output_dir) / self.config.name
+        base = _read_yaml(_find(self.config.base, self.file))
+        self.base = merge(base, self.config.base_overrides, "base_overrides")
+        self.experiments: dict[tuple[str, int], ExperimentConfig] = {}
+        self.runs: list[Run] = []
+        for arm in self.config.arms:
+            for seed in self.config.arm_seeds(arm):
+                name = f"{arm.name}-seed{seed}"
+                self.experiments[(arm.name, seed)] = self._compose(arm, seed, name)
+                self.runs.append(
+                    Run(arm.name, seed, name, self.root / "configs" / f"{name}.yaml", self.root / "runs" / name)
+                )
+
+    def _compose(self, arm: ArmConfig, seed: int, name: str) -> ExperimentConfig:
+        data = dict(self.base)
+        if arm.method is not None:
+            method = _read_yaml(_find(arm.method, self.file))
+            if "stages" not in method:
+                raise StudyError(f"{self.file}: arm {arm.name!r}: {arm.method} has no stages")
+            data["mta"] = method.get("mta", {})
+            data["stages"] = method["stages"]
+        data = merge(data, arm.overrides, f"arm {arm.name}.overrides")
+        data.update(run_name=name, seed=seed)
+        data["training"] = dict(data.get("training") or {}, output_dir=str(self.root / "runs"))
+        try:
+            return config_from_dict(ExperimentConfig, data, f"{self.file} (arm {arm.name}, seed {seed})")
+        except ConfigError as error:
+            raise StudyError(str(error)) from None
+
+    # -------------------------------------------------------------------------------- running
+    def run(self, log: Any = print) -> None:
+        """Train and evaluate every run that has not finished, then write the report."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.config.eval.backbone:
+            self._evaluate_backbone(log)
+        for number, run in enumerate(self.runs, start=1):
+            label = f"[{number}/{len(self.runs)}] {run.name}"
+            if self._finished(run):
+                log(f"{label}: done earlier, skipped")
+                continue
+            self._write_config(run)
+            started = time.perf_counter()
+            log(f"{label}: training ({run.run_dir / 'train.log'})")
+            self._train(run)
+            log(f"{label}: evaluating on {self._eval_description()}")
+            self._evaluate(run, time.perf_counter() - started)
+            log(f"{label}: finished in {_minutes(time.perf_counter() - started)}")
+        report(self)
+        log(f"report: {self.root / 'results.md'}")
+
+    def _eval_description(self) -> str:
+        limit = self.config.eval.max_examples
+        return f"{'all' if limit is None else f'the first {limit}'} {self.config.eval.split} examples of each task"
+
+    def _finished(self, run: Run) -> bool:
+        if not (run.run_dir / "eval" / STUDY_EVAL_FILE).is_file():
+            return False
+        self._check_unchanged(run)
+        return True
+
+    def _check_unchanged(self, run: Run) -> None:
+        wanted = yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
+        if run.config_path.is_file() and run.config_path.read_text() != wanted:
+            raise StudyError(
+                f"arm {run.arm!r} seed {run.seed}: its config changed since it ran ({run.config_path}); "
+                f"rename the arm, or delete {run.run_dir} and {run.config_path} to run it again"
+            )
+
+    def _write_config(self, run: Run) -> None:
+        self._check_unchanged(run)
+        run.config_path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
+        _write_atomic(run.config_path, text)
+
+    def _train(self, run: Run) -> None:
+        launcher = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        if launcher is None:
+            raise StudyError("the deepspeed launcher is not on PATH: pip install deepspeed")
+        ranks = self.config.ranks
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        if not _has_cuda():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+        command = [
+            launcher,
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(29500 + os.getpid() % 400),
+            str(REPO / "alter_ds" / "train.py"),
+            "--config",
+            str(run.config_path),
+            "--stage",
+            "all",
+        ]
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        with (run.run_dir / "train.log").open("a") as handle:
+            handle.write(f"$ {' '.join(command)}\n")
+            handle.flush()
+            code = subprocess.call(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        if code != 0:
+            tail = (run.run_dir / "train.log").read_text().splitlines()[-15:]
+            raise StudyError(
+                f"run {run.name} failed (exit {code}); the end of {run.run_dir / 'train.log'}:\n" + "\n".join(tail)
+            )
+
+    def _evaluate(self, run: Run, train_seconds: float) -> None:
+        config = self.experiments[(run.arm, run.seed)]
+        stages = list(range(len(config.stages)))
+        if self.config.eval.stages == "last":
+            stages = stages[-1:]
+        results: dict[str, Any] = {}
+        for index in stages:
+            model_dir = run.run_dir / f"stage{index + 1}" / "model"
+            results[config.stages[index].name] = self._score(config, model_dir)
+        summaries = {
+            s.name: json.loads((run.run_dir / f"stage{i + 1}" / "summary.json").read_text())
+            for i, s in enumerate(config.stages)
+        }
+        record = {
+            "arm": run.arm,
+            "seed": run.seed,
+            "split": self.config.eval.split,
+            "final_stage": config.stages[-1].name,
+            "stages": results,
+            "seconds": round(train_seconds, 1),
+            "trainable_parameters": {
+                name: sum(g["trainable"] for g in summary["parameters"].values()) for name, summary in summaries.items()
+            },
+            "mean_step_seconds": {name: summary.get("mean_step_seconds") for name, summary in summaries.items()},
+        }
+        _write_atomic(run.run_dir / "eval" / STUDY_EVAL_FILE, json.dumps(record, indent=2))
+
+    def _evaluate_backbone(self, log: Any) -> None:
+        out = self.root / "backbone_eval.json"
+        if out.is_file():
+            return
+        log(f"backbone: evaluating on {self._eval_description()}")
+        config = next(iter(self.experiments.values()))
+        config = dataclasses.replace(
+            config, mta=dataclasses.replace(config.mta, layers="none", encoder_layers=None, decoder_layers=None)
+        )
+        _write_atomic(out, json.dumps(self._score(config, None), indent=2))
+
+    def _score(self, config: ExperimentConfig, model_dir: Path | None) -> dict[str, Any]:
+        """Per-task results of one model on the study's examples, and its mean routing per task and layer."""
+        import transformers
+
+        from alter_ds.data.tasks import load_split
+        from alter_ds.evaluate import evaluate
+        from alter_ds.mta.backbone import load_tokenizer
+        from alter_ds.mta.model import MTAModel, build_model
+
+        settings = self.config.eval
+        transformers.utils.logging.disable_progress_bar()
+        tokenizer = load_tokenizer(config.model)
+        model = build_model(config) if model_dir is None else MTAModel.from_pretrained(model_dir)
+        examples = {
+            task.name: load_split(task, settings.split, config.data.root, settings.seed).examples[
+                : settings.max_examples
+            ]
+            for task in config.tasks
+        }
+        results = evaluate(
+            model, tokenizer, config.tasks, examples, model.is_encoder_decoder, settings.batch_size, None
+        )
+        routing = {name: block.usage().tolist() for name, block in model.blocks.items()}
+        return {"tasks": results, "routing": routing}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    staging.replace(path)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+# --------------------------------------------------------------------------------------- results
+def average_relative_gain(scores: dict[str, float], baseline: dict[str, float]) -> float:
+    """ARG: the mean over tasks of (score - baseline) / baseline (CrossTaskMoE's transfer score)."""
+    tasks = [task for task in baseline if task in scores]
+    if not tasks:
+        raise ValueError("ARG needs at least one task scored by both")
+    for task in tasks:
+        if baseline[task] == 0:
+            raise ValueError(f"ARG is undefined: the baseline scores 0 on task {task!r}")
+    return sum((scores[task] - baseline[task]) / baseline[task] for task in tasks) / len(tasks)
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def collect(study: Study) -> dict[str, Any]:
+    """Everything finished so far as plain data: per arm and seed, per stage and task, plus means, spreads,
+    ARG against the baseline arm's mean and each task's 95% interval half-width at the sample size."""
+    settings = study.config.eval
+    arms: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}
+    for run in study.runs:
+        path = run.run_dir / "eval" / STUDY_EVAL_FILE
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        arm = arms.setdefault(run.arm, {"seeds": {}, "stages": []})
+        arm["seeds"][str(run.seed)] = record
+        arm["stages"] = list(record["stages"])
+        for task, result in record["stages"][record["final_stage"]]["tasks"].items():
+            tasks[task] = {"metric": result["metric"], "examples": result["examples"]}
+    for task in tasks.values():
+        n = task["examples"]
+        task["accuracy_95ci_half_width_at_50pct"] = round(100 * 1.96 * math.sqrt(0.25 / n), 2) if n else None
+    for arm in arms.values():
+        for stage in arm["stages"]:
+            per_task = {
+                task: [r["stages"][stage]["tasks"][task]["score"] for r in arm["seeds"].values()] for task in tasks
+            }
+            arm.setdefault("mean", {})[stage] = {t: statistics.fmean(v) for t, v in per_task.items()}
+            arm.setdefault("std", {})[stage] = {t: _spread(v) for t, v in per_task.items()}
+        arm["final_stage"] = arm["stages"][-1]
+    baseline = arms.get(study.config.baseline)
+    excluded: list[str] = []
+    if baseline is not None:
+        # a task the baseline scores 0 on has no relative gain: ARG is over the other tasks, and says so
+        excluded = [t for t, value in baseline["mean"][baseline["final_stage"]].items() if value == 0]
+        reference = {t: v for t, v in baseline["mean"][baseline["final_stage"]].items() if t not in excluded}
+        for arm in arms.values():
+            for stage in arm["stages"]:
+                gains = [
+                    average_relative_gain({t: r["stages"][stage]["tasks"][t]["score"] for t in reference}, reference)
+                    for r in arm["seeds"].values()
+                ]
+                arm.setdefault("arg", {})[stage] = {
+                    "mean": statistics.fmean(gains),
+                    "std": _spread(gains),
+                    "per_seed": gains,
+                }
+    backbone_file = study.root / "backbone_eval.json"
+    backbone = json.loads(backbone_file.read_text())["tasks"] if backbone_file.is_file() else None
+    return {
+        "study": study.config.name,
+        "baseline": study.config.baseline,
+        "split": settings.split,
+        "max_examples": settings.max_examples,
+        "tasks": tasks,
+        "arg_excluded_tasks": excluded,
+        "backbone": {t: r["score"] for t, r in backbone.items()} if backbone else None,
+        "arms": arms,
+        "runs_missing": [run.name for run in study.runs if not (run.run_dir / "eval" / STUDY_EVAL_FILE).is_file()],
+    }
+
+
+def report(study: Study) -> dict[str, Any]:
+    """Write results.json, results.md and the figures from the finished runs; returns the results."""
+    from alter_ds.study_report import write_figures, write_markdown
+
+    results = collect(study)
+    _write_atomic(study.root / "results.json", json.dumps(_without_nan(results), indent=2))
+    figures = write_figures(study, results)
+    _write_atomic(study.root / "results.md", write_markdown(results, figures))
+    return results
+
+
+def _without_nan(value: Any) -> Any:
+    """JSON has no NaN: a spread over one seed is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return value

@@ -1,0 +1,201 @@
+"""The study driver: arms composed from a base and method files, ARG on known numbers, the report, and a real
+study (2 arms x 1 seed through the DeepSpeed launcher on 2 CPU ranks) killed mid-run and resumed without
+rerunning the finished arm."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_experiment import write_tiny_experiment
+
+from alter_ds.study import STUDY_EVAL_FILE, Study, StudyError, average_relative_gain, report
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_ADAPTER = {
+    "mta": {"num_task_experts": 1, "num_shared_experts": 0, "bottleneck_dim": 8},
+    "stages": [{"name": "train", "router": {"kind": "hard"}, "train": ["task_experts"], "lr": 3e-2, "steps": 6}],
+}
+
+
+def write_study(root: Path, **changes) -> Path:
+    study = {
+        "name": "tiny",
+        "base": "cfg.yaml",
+        "base_overrides": {"training": {"eval_backbone": False, "checkpoint_every": 3, "log_every": 2}},
+        "baseline": "single-adapter",
+        "seeds": [0],
+        "ranks": 2,
+        "output_dir": str(root / "studies"),
+        "eval": {"max_examples": 6, "batch_size": 8},
+        "arms": [
+            {"name": "single-adapter", "overrides": SINGLE_ADAPTER},
+            {"name": "mta", "method": "cfg.yaml", "overrides": {"stages": {"stage1": {"steps": 90}}}},
+        ],
+    }
+    study.update(changes)
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    write_tiny_experiment(tmp_path, stage1_steps=20, stage2_steps=4)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_arg_on_known_numbers():
+    # (60 - 50) / 50 = +0.2 and (30 - 40) / 40 = -0.25: ARG = -0.025
+    assert average_relative_gain({"a": 60.0, "b": 30.0}, {"a": 50.0, "b": 40.0}) == pytest.approx(-0.025)
+    assert average_relative_gain({"a": 50.0}, {"a": 50.0}) == 0.0
+    with pytest.raises(ValueError, match="baseline scores 0 on task 'a'"):
+        average_relative_gain({"a": 1.0}, {"a": 0.0})
+
+
+def test_arms_are_composed_from_the_base_a_method_file_and_overrides(workspace):
+    study = Study(write_study(workspace))
+    single = study.experiments[("single-adapter", 0)]
+    mta = study.experiments[("mta", 0)]
+    assert [s.name for s in single.stages] == ["train"] and single.mta.num_task_experts == 1
+    assert [s.steps for s in mta.stages] == [90, 4]  # stage1 overridden by name, stage2 as in the method file
+    assert mta.stages[1].router.kind == "task_weights"
+    for config in (single, mta):  # what the study shares comes from the base
+        assert config.tasks == study.experiments[("mta", 0)].tasks
+        assert config.training.eval_backbone is False and config.training.checkpoint_every == 3
+        assert config.training.output_dir == str(workspace / "studies" / "tiny" / "runs")
+    assert single.run_name == "single-adapter-seed0"
+
+
+def test_study_errors_name_the_arm_and_the_problem(workspace):
+    bad_stage = {"name": "mta", "method": "cfg.yaml", "overrides": {"stages": {"stage9": {"steps": 1}}}}
+    with pytest.raises(StudyError, match=r"arm mta.overrides.stages: no entry named 'stage9'"):
+        Study(write_study(workspace, arms=[{"name": "single-adapter", "overrides": SINGLE_ADAPTER}, bad_stage]))
+    bad_value = {"name": "mta", "method": "cfg.yaml", "overrides": {"stages": {"stage1": {"lr": -1.0}}}}
+    with pytest.raises(StudyError, match=r"arm mta, seed 0.*stages\[0\]\.lr: must be > 0"):
+        Study(write_study(workspace, arms=[{"name": "single-adapter", "overrides": SINGLE_ADAPTER}, bad_value]))
+    with pytest.raises(Exception, match="baseline: unknown arm 'nope'"):
+        Study(write_study(workspace, baseline="nope"))
+
+
+def _fake_record(study, run, scores_by_stage):
+    stages = {
+        stage: {
+            "tasks": {t: {"metric": "accuracy", "score": s, "examples": 200} for t, s in scores.items()},
+            "routing": {"decoder.0": [[0.5, 0.5], [0.1, 0.9]], "decoder.1": [[1.0, 0.0], [0.3, 0.7]]},
+        }
+        for stage, scores in scores_by_stage.items()
+    }
+    record = {
+        "arm": run.arm,
+        "seed": run.seed,
+        "split": "test",
+        "final_stage": list(scores_by_stage)[-1],
+        "stages": stages,
+        "seconds": 60.0,
+        "trainable_parameters": {stage: 1000 for stage in scores_by_stage},
+        "mean_step_seconds": {stage: 0.1 for stage in scores_by_stage},
+    }
+    path = run.run_dir / "eval" / STUDY_EVAL_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+
+
+def test_report_means_spreads_and_arg_against_the_baseline_mean(workspace):
+    study = Study(write_study(workspace, seeds=[0, 1], eval={"backbone": False}))
+    known = {
+        ("single-adapter", 0): {"train": {"a": 50.0, "b": 40.0}},
+        ("single-adapter", 1): {"train": {"a": 70.0, "b": 40.0}},  # baseline mean: a 60, b 40
+        ("mta", 0): {"stage1": {"a": 60.0, "b": 40.0}, "stage2": {"a": 66.0, "b": 44.0}},  # ARG +0.1
+        ("mta", 1): {"stage1": {"a": 60.0, "b": 40.0}, "stage2": {"a": 72.0, "b": 48.0}},  # ARG +0.2
+    }
+    for run in study.runs:
+        _fake_record(study, run, known[(run.arm, run.seed)])
+    results = report(study)
+    baseline, mta = results["arms"]["single-adapter"], results["arms"]["mta"]
+    assert baseline["mean"]["train"] == {"a": 60.0, "b": 40.0}
+    assert baseline["std"]["train"]["a"] == pytest.approx(14.142, abs=1e-3)
+    assert mta["arg"]["stage2"]["per_seed"] == pytest.approx([0.1, 0.2])
+    assert mta["arg"]["stage2"]["mean"] == pytest.approx(0.15)
+    assert mta["arg"]["stage2"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert mta["arg"]["stage1"]["mean"] == pytest.approx(0.0)
+    assert baseline["arg"]["train"]["per_seed"] == pytest.approx([(-10 / 60) / 2, (10 / 60) / 2])
+    assert results["tasks"]["a"]["accuracy_95ci_half_width_at_50pct"] == pytest.approx(6.93, abs=0.01)
+    markdown = (study.root / "results.md").read_text()
+    assert "| mta | 2 | 15.00 ± 7.07 |" in markdown
+    assert "| a | +9.0 |" in markdown  # mta's mean on a (69) minus the baseline's (60)
+    assert "| mta | stage1 | 0.00 ± 0.00 |" in markdown
+    for png in ("per_task.png", "train_loss.png", "routing.png"):
+        assert (study.root / png).stat().st_size > 5_000, png
+    saved = json.loads((study.root / "results.json").read_text())
+    assert saved["arms"]["mta"]["arg"]["stage2"]["mean"] == pytest.approx(0.15)
+
+
+def _start(study_file: Path, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "alter_ds.cli", "study", str(study_file)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_without_rerunning_the_finished_arm(workspace):
+    pytest.importorskip("deepspeed")
+    study_file = write_study(workspace)
+    study = Study(study_file)
+    first, second = study.runs
+    process = _start(study_file, workspace)
+    deadline = time.time() + 600
+    while not (second.run_dir / "stage1" / "checkpoints" / "latest").is_file():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.time() < deadline, "the second run never checkpointed"
+        time.sleep(0.5)
+    assert (first.run_dir / "eval" / STUDY_EVAL_FILE).is_file()
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the launcher's ranks, mid-training
+    process.wait()
+    assert not (second.run_dir / "eval" / STUDY_EVAL_FILE).exists()
+    first_log = (first.run_dir / "train.log").read_text()
+    first_result = (first.run_dir / "eval" / STUDY_EVAL_FILE).read_text()
+
+    process = _start(study_file, workspace)
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out
+    assert "[1/2] single-adapter-seed0: done earlier, skipped" in out
+    assert "Loading weights" not in out  # the driver's own output is one line per step of the study
+    assert (first.run_dir / "train.log").read_text() == first_log  # not trained again
+    assert (first.run_dir / "eval" / STUDY_EVAL_FILE).read_text() == first_result
+    resumed = re.search(r"resumed stage stage1 from step (\d+)", (second.run_dir / "train.log").read_text())
+    assert resumed is not None and 3 <= int(resumed.group(1)) < 90  # killed mid-stage, continued from there
+    results = json.loads((study.root / "results.json").read_text())
+    assert results["runs_missing"] == []
+    records = {r.arm: json.loads((r.run_dir / "eval" / STUDY_EVAL_FILE).read_text()) for r in study.runs}
+    final = {arm: r["stages"][r["final_stage"]]["tasks"] for arm, r in records.items()}
+    assert {t: v["examples"] for t, v in final["mta"].items()} == {t: 6 for t in final["mta"]}
+    reference = {t: v["score"] for t, v in final["single-adapter"].items() if v["score"] > 0}
+    assert set(results["arg_excluded_tasks"]) == set(final["mta"]) - set(reference)
+    expected = average_relative_gain({t: v["score"] for t, v in final["mta"].items()}, reference)
+    assert results["arms"]["mta"]["arg"]["stage2"]["mean"] == pytest.approx(expected)
+    assert set(records["mta"]["stages"]) == {"stage1", "stage2"}  # both stages scored on the same examples
+    assert (study.root / "results.md").is_file() and (study.root / "routing.png").is_file()
+
+    # the same study with an arm changed after it ran is refused, naming the arm
+    slower = {**SINGLE_ADAPTER, "stages": [{**SINGLE_ADAPTER["stages"][0], "lr": 1e-2}]}
+    changed = write_study(workspace, arms=[{"name": "single-adapter", "overrides": slower}])
+    process = _start(changed, workspace)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 2 and "arm 'single-adapter' seed 0: its config changed since it ran" in out
