@@ -167,8 +167,12 @@ def _decoder_label_scores(
     positions = (attention.cumsum(1) - 1).clamp_min(0)
     labels = _padded(label_ids, IGNORE_INDEX, left=False).to(device)  # [L, width]
     label_mask = (labels != IGNORE_INDEX).float()
+    parameters = inspect.signature(model.backbone.forward).parameters
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prompt's last logits only
     with model.routed([task_id] * len(prompts), generating=True):
-        out = model.backbone(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+        out = model.backbone(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last_only
+        )
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, labels[:, 0]]  # [P, L]
         total = first.reshape(-1)
         if width > 1:  # the labels' tokens (all but the last) on top of the prompt's cache, one row per label
@@ -294,15 +298,22 @@ def evaluate(
     return results
 
 
-def format_results(columns: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """A per-task table: one column per evaluated model (e.g. backbone, stage1, stage2)."""
+def format_results(columns: dict[str, dict[str, dict[str, Any]]], delta: bool = False) -> str:
+    """A per-task table: one column per evaluated model (e.g. backbone, stage1, stage2); with ``delta`` and at
+    least two columns, a last column with the last model's score minus the first's."""
     names = list(columns)
     tasks = list(next(iter(columns.values()))) if columns else []
+    delta = delta and len(names) >= 2
+    change = f"{names[-1]} - {names[0]}" if delta else ""
     header = f"{'task':<20}{'metric':<12}" + "".join(f"{n:>12}" for n in names)
+    header += f"{change:>{max(len(change) + 2, 12)}}" if delta else ""
     lines = [header, "-" * len(header)]
     for task in tasks:
         metric = columns[names[0]][task]["metric"]
         cells = "".join(f"{columns[n][task]['score']:>12.2f}" if task in columns[n] else f"{'-':>12}" for n in names)
+        if delta and task in columns[names[-1]]:
+            difference = columns[names[-1]][task]["score"] - columns[names[0]][task]["score"]
+            cells += f"{difference:>+{max(len(change) + 2, 12)}.2f}"
         lines.append(f"{task:<20}{metric:<12}{cells}")
     return "\n".join(lines)
 

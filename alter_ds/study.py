@@ -52,6 +52,8 @@ class ArmConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     #: seeds of this arm (default: the study's)
     seeds: list[int] | None = None
+    #: which stages' models to score (default: the study's eval.stages)
+    eval_stages: Literal["last", "all"] | None = None
 
     def validate(self) -> None:
         import re
@@ -168,13 +170,14 @@ class Study:
         self.base = merge(base, self.config.base_overrides, "base_overrides")
         self.experiments: dict[tuple[str, int], ExperimentConfig] = {}
         self.runs: list[Run] = []
-        for arm in self.config.arms:
-            for seed in self.config.arm_seeds(arm):
-                name = f"{arm.name}-seed{seed}"
-                self.experiments[(arm.name, seed)] = self._compose(arm, seed, name)
-                self.runs.append(
-                    Run(arm.name, seed, name, self.root / "configs" / f"{name}.yaml", self.root / "runs" / name)
-                )
+        seeds = sorted({seed for arm in self.config.arms for seed in self.config.arm_seeds(arm)})
+        # seed by seed, so that a study cut short has every arm once before it has any arm twice
+        for seed, arm in ((s, a) for s in seeds for a in self.config.arms if s in self.config.arm_seeds(a)):
+            name = f"{arm.name}-seed{seed}"
+            self.experiments[(arm.name, seed)] = self._compose(arm, seed, name)
+            self.runs.append(
+                Run(arm.name, seed, name, self.root / "configs" / f"{name}.yaml", self.root / "runs" / name)
+            )
 
     def _compose(self, arm: ArmConfig, seed: int, name: str) -> ExperimentConfig:
         data = dict(self.base)
@@ -272,7 +275,8 @@ class Study:
     def _evaluate(self, run: Run, train_seconds: float) -> None:
         config = self.experiments[(run.arm, run.seed)]
         stages = list(range(len(config.stages)))
-        if self.config.eval.stages == "last":
+        arm = next(a for a in self.config.arms if a.name == run.arm)
+        if (arm.eval_stages or self.config.eval.stages) == "last":
             stages = stages[-1:]
         results: dict[str, Any] = {}
         for index in stages:

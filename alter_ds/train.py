@@ -76,6 +76,27 @@ def init_distributed() -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), accelerator
 
 
+def quiet_libraries(rank: int) -> None:
+    """One voice: rank 0 prints the run's own lines and one progress bar per stage; library progress bars
+    (``datasets`` map, ``transformers`` weight loading), DeepSpeed's INFO lines and the deprecation notices it
+    triggers are off, and the other ranks keep to warnings of their own."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+
+
 def deepspeed_config(config: ExperimentConfig, world_size: int, accelerator: str) -> dict[str, Any]:
     """The base JSON with the YAML's batch, accumulation, clipping and precision written in."""
     training = config.training
@@ -460,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         config.run_name = args.run_name
         config.validate()
     rank, world, accelerator = init_distributed()
+    quiet_libraries(rank)
     run_dir = Path(config.training.output_dir) / config.run_name
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         columns = {"backbone": env["backbone_results"]} if "backbone_results" in env else {}
         columns.update({s["stage"]: s["dev"] for s in summaries})
-        print("\nper-task dev metrics\n" + format_results(columns))
+        print("\nper-task dev metrics\n" + format_results(columns, delta=True))
         print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return 0
 
