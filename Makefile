@@ -34,10 +34,10 @@ format: $(STAMP)
 DEMO_RANKS ?= 2
 demo: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,demo]"
-	$(BIN)/alter-ds prepare-data --max-per-task 200
+	$(BIN)/alter-ds prepare-data --max-per-task 500
 	$(BIN)/alter-ds prepare-model smollm2 --out models/SmolLM2-135M-Instruct
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PATH=$(BIN):$$PATH \
-		$(BIN)/deepspeed --num_gpus $(DEMO_RANKS) alter_ds/train.py --config configs/demo.yaml --stage all
+		$(BIN)/deepspeed --log_level warning --num_gpus $(DEMO_RANKS) alter_ds/train.py --config configs/demo.yaml --stage all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

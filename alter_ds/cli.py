@@ -103,7 +103,9 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from alter_ds.study import Study, report
+    from pathlib import Path
+
+    from alter_ds.study import Study, publish, report
 
     study = Study(args.study)
     if args.report_only:
@@ -111,6 +113,9 @@ def _study(args: argparse.Namespace) -> int:
         print(f"report: {study.root / 'results.md'}")
     else:
         study.run()
+    if args.publish:
+        publish(study, Path(args.publish))
+        print(f"published into {args.publish}")
     return 0
 
 
@@ -157,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = commands.add_parser("study", help="arms x seeds through the trainer, scored on the same test examples")
     study.add_argument("study", help="study YAML (see configs/study/)")
     study.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")
+    study.add_argument("--publish", metavar="DOC", help="also put the report into DOC between its study markers")
     study.set_defaults(run=_study)
     extension = commands.add_parser("build-ext", help="compile the grouped adapter kernels now instead of on first use")
     extension.add_argument("--verbose", action="store_true", help="show the compiler's commands")

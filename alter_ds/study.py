@@ -251,6 +251,8 @@ class Study:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
         command = [
             launcher,
+            "--log_level",
+            "warning",
             "--num_gpus",
             str(ranks),
             "--master_port",
@@ -438,6 +440,31 @@ def report(study: Study) -> dict[str, Any]:
     figures = write_figures(study, results)
     _write_atomic(study.root / "results.md", write_markdown(results, figures))
     return results
+
+
+PUBLISH_BEGIN = "<!-- study results: begin (written by alter-ds study --publish) -->"
+PUBLISH_END = "<!-- study results: end -->"
+
+
+def publish(study: Study, target: Path) -> None:
+    """Put the study's report into a document: the text between the markers is replaced by results.md (the
+    rest of the document, its prose, stays) and the figures are copied into ``<target stem>/`` beside it."""
+    report_text = (study.root / "results.md").read_text() if (study.root / "results.md").is_file() else None
+    if report_text is None:
+        raise StudyError(f"{study.root / 'results.md'} does not exist: run the study (or --report-only) first")
+    figures = target.parent / target.stem
+    figures.mkdir(parents=True, exist_ok=True)
+    for png in sorted(study.root.glob("*.png")):
+        shutil.copyfile(png, figures / png.name)
+        report_text = report_text.replace(f"]({png.name})", f"]({target.stem}/{png.name})")
+    report_text = report_text.replace("# Study `", "## Study `", 1)
+    block = f"{PUBLISH_BEGIN}\n{report_text.strip()}\n{PUBLISH_END}"
+    document = target.read_text() if target.is_file() else f"{PUBLISH_BEGIN}\n{PUBLISH_END}\n"
+    if PUBLISH_BEGIN not in document or PUBLISH_END not in document:
+        raise StudyError(f"{target}: no study markers; add the lines {PUBLISH_BEGIN!r} and {PUBLISH_END!r}")
+    before, rest = document.split(PUBLISH_BEGIN, 1)
+    _, after = rest.split(PUBLISH_END, 1)
+    _write_atomic(target, before + block + after)
 
 
 def _without_nan(value: Any) -> Any:

@@ -10,6 +10,7 @@ from alter_ds.config import DataConfig, MTAConfig, TaskConfig
 from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator, TokenizedExample, pack_examples, tokenize_example
 from alter_ds.data.multitask import MultiTaskData, TrainBatches
 from alter_ds.data.synthetic import synthetic_tasks
+from alter_ds.data.tasks import load_split
 from alter_ds.mta import MTAModel
 
 TOKENIZER = tiny_tokenizer()
@@ -89,3 +90,20 @@ def test_rank_batches_partition_the_global_batch():
         for part, rows in zip(parts, (slice(0, 2), slice(2, 4))):
             width = part["input_ids"].shape[1]
             assert torch.equal(part["input_ids"], whole["input_ids"][rows, :width])
+
+
+def test_training_examples_are_tokenised_on_first_draw_and_equal_eager_tokenisation():
+    tasks = synthetic_tasks(["string"])
+    data = MultiTaskData.load(tasks, TOKENIZER, seq2seq=False, split="train")
+    assert all(not task.cache for task in data.examples)  # nothing tokenised at load
+    batches = TrainBatches(data, DataConfig(), MultiTaskCollator(TOKENIZER.pad_token_id, False), 4)
+    for _ in range(3):
+        batches.next_batch()
+    drawn = sum(len(task.cache) for task in data.examples)
+    assert 0 < drawn <= 12 < sum(data.sizes())
+    for task_id, (task, tokenized) in enumerate(zip(tasks, data.examples)):
+        raw = load_split(task, "train").examples
+        for index in (0, len(raw) - 1, *tokenized.cache):
+            expected = tokenize_example(TOKENIZER, task, task_id, raw[index].prompt, raw[index].target, False)
+            assert tokenized[index] == expected
+        assert tokenized[-1] == tokenized[len(raw) - 1] and tokenized[:2] == [tokenized[0], tokenized[1]]

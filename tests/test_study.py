@@ -17,7 +17,16 @@ import pytest
 import yaml
 from tiny_experiment import write_tiny_experiment
 
-from alter_ds.study import STUDY_EVAL_FILE, Study, StudyError, average_relative_gain, report
+from alter_ds.study import (
+    PUBLISH_BEGIN,
+    PUBLISH_END,
+    STUDY_EVAL_FILE,
+    Study,
+    StudyError,
+    average_relative_gain,
+    publish,
+    report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SINGLE_ADAPTER = {
@@ -199,3 +208,26 @@ def test_a_killed_study_resumes_without_rerunning_the_finished_arm(workspace):
     process = _start(changed, workspace)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "arm 'single-adapter' seed 0: its config changed since it ran" in out
+
+
+def test_publish_replaces_only_the_marked_block_and_copies_the_figures(workspace):
+    study = Study(write_study(workspace, eval={"backbone": False}))
+    for run in study.runs:
+        scores = (
+            {"train": {"a": 50.0}} if run.arm == "single-adapter" else {"stage1": {"a": 55.0}, "stage2": {"a": 60.0}}
+        )
+        _fake_record(study, run, scores)
+    report(study)
+    doc = workspace / "docs" / "quality.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Quality\n\nprose before\n\n{PUBLISH_BEGIN}\nold table\n{PUBLISH_END}\n\nprose after\n")
+    publish(study, doc)
+    text = doc.read_text()
+    assert text.startswith("# Quality\n\nprose before") and text.endswith("prose after\n")
+    assert "old table" not in text and "| mta | 1 | 20.00 |" in text
+    assert "![per-task scores](quality/per_task.png)" in text and (doc.parent / "quality" / "per_task.png").is_file()
+    publish(study, doc)  # idempotent
+    assert doc.read_text() == text
+    (workspace / "other.md").write_text("no markers")
+    with pytest.raises(StudyError, match="no study markers"):
+        publish(study, workspace / "other.md")

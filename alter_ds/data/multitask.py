@@ -5,23 +5,56 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from alter_ds.config import DataConfig, TaskConfig
 from alter_ds.data.collate import MultiTaskCollator, TokenizedExample, pack_examples, tokenize_example
 from alter_ds.data.sampler import MultiTaskSampler
-from alter_ds.data.tasks import check_unique_names, load_split, to_dataset
+from alter_ds.data.tasks import Example, check_unique_names, load_split
+
+
+class TokenizedTask(Sequence[TokenizedExample]):
+    """One task's examples, tokenised when first drawn and kept: a run draws steps x batch examples, often a
+    small part of a large split (138k translation pairs for a few thousand draws), so tokenising the whole
+    split up front cost minutes of start-up on every rank for nothing."""
+
+    def __init__(self, task: TaskConfig, task_id: int, examples: list[Example], tokenizer: Any, seq2seq: bool):
+        self.task = task
+        self.task_id = task_id
+        self.raw = examples
+        self.tokenizer = tokenizer
+        self.seq2seq = seq2seq
+        self.cache: dict[int, TokenizedExample] = {}
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    @overload
+    def __getitem__(self, index: int) -> TokenizedExample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[TokenizedExample]: ...
+    def __getitem__(self, index: int | slice) -> TokenizedExample | list[TokenizedExample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if index not in self.cache:
+            example = self.raw[index]
+            self.cache[index] = tokenize_example(
+                self.tokenizer, self.task, self.task_id, example.prompt, example.target, self.seq2seq
+            )
+        return self.cache[index]
 
 
 @dataclass
 class MultiTaskData:
-    """One split of every task, tokenised; ``examples[t]`` holds task t's examples in file order."""
+    """One split of every task; ``examples[t]`` holds task t's examples in file order, tokenised on use."""
 
     tasks: list[TaskConfig]
     split: str
-    examples: list[list[TokenizedExample]]
+    examples: list[TokenizedTask]
     skipped: dict[str, int]
 
     @classmethod
@@ -35,25 +68,12 @@ class MultiTaskData:
         seed: int = 0,
     ) -> MultiTaskData:
         check_unique_names(list(tasks))
-        examples: list[list[TokenizedExample]] = []
+        examples: list[TokenizedTask] = []
         skipped: dict[str, int] = {}
         for task_id, task in enumerate(tasks):
             data = load_split(task, split, root, seed)
             skipped[task.name] = data.skipped
-            dataset = to_dataset(data)
-
-            def tokenize(row: dict[str, Any], _task: TaskConfig = task, _id: int = task_id) -> dict[str, Any]:
-                example = tokenize_example(tokenizer, _task, _id, row["prompt"], row["target"], seq2seq)
-                return {
-                    "input_ids": example.input_ids,
-                    "labels": example.labels,
-                    "prompt_length": example.prompt_length,
-                }
-
-            tokenized = dataset.map(tokenize, remove_columns=dataset.column_names)
-            examples.append(
-                [TokenizedExample(task_id, row["input_ids"], row["labels"], row["prompt_length"]) for row in tokenized]
-            )
+            examples.append(TokenizedTask(task, task_id, data.examples, tokenizer, seq2seq))
         return cls(list(tasks), split, examples, skipped)
 
     def sizes(self) -> list[int]:
