@@ -416,16 +416,29 @@ class _Lines:
         return ConfigError(message, key, self.source, self.line(key) if self.source else None)
 
 
-def _yaml_lines(node: yaml.Node, key: KeyPath, out: dict[KeyPath, int]) -> None:
+def _yaml_lines(node: yaml.Node, key: KeyPath, out: dict[KeyPath, int], source: str | None = None) -> None:
+    """Record the line of every key path; a key given twice in one mapping is an error naming both lines
+    (YAML loaders keep the last one silently, so a second ``training:`` would replace the first whole)."""
     out.setdefault(key, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            child = (*key, str(key_node.value))
-            out[child] = key_node.start_mark.line + 1
-            _yaml_lines(value_node, child, out)
+            name = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if name in seen:
+                raise ConfigError(
+                    f"duplicate key (first given on line {seen[name]}, again on line {line})",
+                    (*key, name),
+                    source,
+                    line,
+                )
+            seen[name] = line
+            child = (*key, name)
+            out[child] = line
+            _yaml_lines(value_node, child, out, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _yaml_lines(item, (*key, index), out)
+            _yaml_lines(item, (*key, index), out, source)
 
 
 def _type_name(hint: Any) -> str:
@@ -434,6 +447,9 @@ def _type_name(hint: Any) -> str:
     if get_origin(hint) in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in get_args(hint))
     return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(hint: Any, value: Any, key: KeyPath, lines: _Lines) -> Any:
@@ -477,6 +493,8 @@ def _convert(hint: Any, value: Any, key: KeyPath, lines: _Lines) -> Any:
             for k, v in value.items()
         }
     if hint is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-3 (no dot) as a string; it is plainly a number here
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise lines.error(key, f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -535,7 +553,7 @@ def load_config(path: str | Path, cls: type[T] = ExperimentConfig) -> T:  # type
         raise ConfigError(f"invalid YAML: {getattr(error, 'problem', error)}", (), str(path), line) from None
     lines: dict[KeyPath, int] = {}
     if node is not None:
-        _yaml_lines(node, (), lines)
+        _yaml_lines(node, (), lines, str(path))
     return _build(cls, data if data is not None else {}, (), _Lines(str(path), lines))
 
 

@@ -321,7 +321,7 @@ def format_results(columns: dict[str, dict[str, dict[str, Any]]], delta: bool = 
 def evaluate_run(
     run_dir: str, stage: str | None = None, split: str = "test", max_examples: int | None = None
 ) -> dict[str, Any]:
-    """Evaluate the model a finished stage exported, on ``split``; writes ``eval/<stage>_<split>.json``."""
+    """Evaluate the model a finished stage exported, on ``split``; writes ``eval/<stage>_<split>_<n|all>.json``."""
     import json
     from pathlib import Path
 
@@ -332,9 +332,11 @@ def evaluate_run(
     root = Path(run_dir)
     config: ExperimentConfig = load_config(root / "config.yaml")
     names = [s.name for s in config.stages]
+    if stage is not None and not stage.isdigit() and stage not in names:
+        raise ValueError(f"--stage {stage}: the run has stages {names} (or give their numbers 1..{len(names)})")
     index = len(names) - 1 if stage is None else (int(stage) - 1 if stage.isdigit() else names.index(stage))
     if not 0 <= index < len(names):
-        raise ValueError(f"--stage {stage}: the run has stages {names}")
+        raise ValueError(f"--stage {stage}: the run has stages {names} (or give their numbers 1..{len(names)})")
     model_dir = root / f"stage{index + 1}" / "model"
     if not (model_dir / "mta_config.json").is_file():
         raise FileNotFoundError(f"{model_dir} does not exist: stage {names[index]!r} has not finished")
@@ -354,6 +356,9 @@ def evaluate_run(
     )
     out = root / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{names[index]}_{split}.json").write_text(json.dumps(results, indent=2))
+    # never the name training writes (eval/<stage>_dev.json): that one keeps the numbers the run printed
+    (out / f"{names[index]}_{split}_{'all' if max_examples is None else max_examples}.json").write_text(
+        json.dumps(results, indent=2)
+    )
     print(format_results({f"{names[index]} ({split})": results}))
     return results

@@ -107,3 +107,30 @@ def test_run_name_must_be_a_plain_directory_name(tmp_path):
     path.write_text("run_name: ../elsewhere\nmodel: {name_or_path: m}\ntasks: [{name: a, builder: b}]\n")
     with pytest.raises(ConfigError, match=r"run_name.*plain directory name"):
         load_config(path)
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    text = GOOD + "training:\n  micro_batch_size: 4\ntraining:\n  log_every: 2\n"
+    first = text.splitlines().index("training:") + 1
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert str(error.value) == (
+        f"{tmp_path / 'cfg.yaml'}:{first + 2}: training: duplicate key (first given on line {first}, "
+        f"again on line {first + 2})"
+    )
+    nested = GOOD.replace("  layers: [0, 1]\n", "  layers: [0, 1]\n  layers: all\n")
+    with pytest.raises(
+        ConfigError, match=r"cfg.yaml:10: mta.layers: duplicate key \(first given on line 9, again on line 10\)"
+    ):
+        load_config(write(tmp_path, nested))
+
+
+@pytest.mark.parametrize("written, value", [("5e-3", 5e-3), ("1E4", 1e4), ("+2.5e-1", 0.25), ("3.0e-5", 3e-5)])
+def test_floats_in_exponent_notation_without_a_dot_are_numbers(tmp_path, written, value):
+    def with_stage_line(line):
+        return GOOD.replace("    router: {kind: hard}", f"    router: {{kind: hard, prior_other: -1e-1}}\n    {line}")
+
+    config = load_config(write(tmp_path, with_stage_line(f"lr: {written}")))
+    assert config.stages[0].lr == value and config.stages[0].router.prior_other == -0.1
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.lr: expected a number, got str 'fast'"):
+        load_config(write(tmp_path, with_stage_line("lr: fast")))

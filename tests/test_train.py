@@ -263,12 +263,18 @@ def test_eval_command_on_a_finished_run(full_run, capsys):
 
     run, out = full_run
     assert "backbone" in out.split("per-task dev metrics")[1]  # the backbone column of the final table
+    during_training = (run / "eval" / "stage2_dev.json").read_text()
+    assert main(["eval", str(run), "--split", "dev", "--max-examples", "3"]) == 0
+    assert (run / "eval" / "stage2_dev.json").read_text() == during_training  # what training wrote stays
+    assert {r["examples"] for r in json.loads((run / "eval" / "stage2_dev_3.json").read_text()).values()} == {3}
     assert main(["eval", str(run), "--split", "test", "--max-examples", "4"]) == 0
-    results = json.loads((run / "eval" / "stage2_test.json").read_text())
+    results = json.loads((run / "eval" / "stage2_test_4.json").read_text())
     assert set(results) == {"reverse", "uppercase", "sort_letters", "first_last", "parity", "vowel_start", "long_word"}
     assert all(r["examples"] == 4 for r in results.values())
     assert "stage2 (test)" in capsys.readouterr().out
     assert main(["eval", str(run), "--stage", "9"]) == 2
+    assert main(["eval", str(run), "--stage", "nope"]) == 2
+    assert "--stage nope: the run has stages ['stage1', 'stage2']" in capsys.readouterr().err
 
 
 @pytest.mark.slow
