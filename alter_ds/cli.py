@@ -12,6 +12,13 @@ from alter_ds.study import StudyError
 
 def _check_config(args: argparse.Namespace) -> int:
     config: ExperimentConfig = load_config(args.config)
+    if args.data:
+        problems = _check_data(config, args.data)
+        if problems:
+            print(f"{args.config}: the data does not fit the config:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return 2
     print(f"{args.config}: ok — {len(config.tasks)} tasks, {len(config.stages)} stages")
     for stage in config.stages:
         added = f", adds {stage.add_experts.shared} shared expert(s)" if stage.add_experts.shared else ""
@@ -20,6 +27,25 @@ def _check_config(args: argparse.Namespace) -> int:
             f"  {stage.name}: router {stage.router.kind}, trains {', '.join(stage.train)}{added}; starts from {start}"
         )
     return 0
+
+
+def _check_data(config: ExperimentConfig, lines: int) -> list[str]:
+    """Read the first ``lines`` records of every split of every task the way training will (template fields,
+    target field, label verbaliser), so a mismatch is found before a run starts; one problem per task split."""
+    import dataclasses
+
+    from alter_ds.config import SPLITS
+    from alter_ds.data.tasks import DataError, load_split
+
+    problems = []
+    for task in config.tasks:
+        first = dataclasses.replace(task, max_examples={split: lines for split in SPLITS}, on_error="fail")
+        for split in SPLITS:
+            try:
+                load_split(first, split, config.data.root, config.seed)
+            except DataError as error:
+                problems.append(str(error))
+    return problems
 
 
 def _parameters(args: argparse.Namespace) -> int:
@@ -130,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate an experiment config and summarise its stages")
     check.add_argument("config")
+    check.add_argument(
+        "--data", type=int, nargs="?", const=100, default=0, metavar="N",
+        help="also read the first N records (default 100) of every split of every task",
+    )  # fmt: skip
     check.set_defaults(run=_check_config)
     params = commands.add_parser("params", help="trainable-parameter counts per group for each stage")
     params.add_argument("config")

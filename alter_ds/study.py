@@ -326,6 +326,8 @@ class Study:
         transformers.utils.logging.disable_progress_bar()
         tokenizer = load_tokenizer(config.model)
         model = build_model(config) if model_dir is None else MTAModel.from_pretrained(model_dir)
+        if _has_cuda():  # the study's own process scores on the first GPU; training used the launcher's ranks
+            model = model.to("cuda")
         examples = {
             task.name: load_split(task, settings.split, config.data.root, settings.seed).examples[
                 : settings.max_examples

@@ -121,3 +121,30 @@ def test_task_spec_validation():
         config_from_dict(TaskConfig, {"name": "t", "source": "a", "builder": "b"})
     with pytest.raises(ConfigError, match=r"max_examples.val: unknown split"):
         config_from_dict(TaskConfig, {"name": "t", "max_examples": {"val": 3}})
+
+
+def test_check_config_data_reads_every_split_before_training(tmp_path, capsys):
+    from alter_ds.cli import main
+
+    good = [{"text": f"t{i}", "label": str(i % 2)} for i in range(5)]
+    task_dir = tmp_path / "data" / "spam"
+    task_dir.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (task_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        "model: {name_or_path: m}\n"
+        "tasks:\n"
+        "  - {name: spam, source: data/spam, template: 'SMS: {text}', target_field: label,\n"
+        "     labels: {'0': ham, '1': spam}, metric: accuracy}\n"
+        f"data: {{root: {tmp_path}}}\n"
+    )
+    assert main(["check-config", str(config), "--data"]) == 0
+    (task_dir / "dev.jsonl").write_text(json.dumps(good[0]) + "\n" + json.dumps({"body": "x", "label": "1"}) + "\n")
+    (task_dir / "test.jsonl").write_text(json.dumps({"text": "x", "label": "7"}) + "\n")
+    capsys.readouterr()
+    assert main(["check-config", str(config), "--data", "10"]) == 2
+    err = capsys.readouterr().err
+    assert f"{task_dir / 'dev.jsonl'}:2: missing field(s) 'text'" in err
+    assert f"{task_dir / 'test.jsonl'}:1: unknown label '7'" in err
+    assert "train.jsonl" not in err
