@@ -226,9 +226,11 @@ class Study:
         self._check_unchanged(run)
         return True
 
+    def _config_text(self, run: Run) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
+
     def _check_unchanged(self, run: Run) -> None:
-        wanted = yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
-        if run.config_path.is_file() and run.config_path.read_text() != wanted:
+        if run.config_path.is_file() and run.config_path.read_text() != self._config_text(run):
             raise StudyError(
                 f"arm {run.arm!r} seed {run.seed}: its config changed since it ran ({run.config_path}); "
                 f"rename the arm, or delete {run.run_dir} and {run.config_path} to run it again"
@@ -236,9 +238,7 @@ class Study:
 
     def _write_config(self, run: Run) -> None:
         self._check_unchanged(run)
-        run.config_path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
-        _write_atomic(run.config_path, text)
+        _write_atomic(run.config_path, self._config_text(run))
 
     def _train(self, run: Run) -> None:
         launcher = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -294,7 +294,7 @@ class Study:
             "split": self.config.eval.split,
             "final_stage": config.stages[-1].name,
             "stages": results,
-            "seconds": round(train_seconds, 1),
+            "seconds": round(train_seconds, 1),  # training (launch to exported model), not evaluation
             "trainable_parameters": {
                 name: sum(g["trainable"] for g in summary["parameters"].values()) for name, summary in summaries.items()
             },

@@ -43,7 +43,10 @@ def write_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
         lines += [f"ARG leaves out {', '.join(results['arg_excluded_tasks'])}: the baseline scores 0 there.", ""]
     if results["runs_missing"]:
         lines += [f"Not finished yet: {', '.join(results['runs_missing'])}.", ""]
-    lines += ["| arm | seeds | ARG vs baseline (%) | trainable parameters | minutes per run |", "|---|---|---|---|---|"]
+    lines += [
+        "| arm | seeds | ARG vs baseline (%) | trainable parameters (per stage) | training minutes per run |",
+        "|---|---|---|---|---|",
+    ]
     for name, arm in arms.items():
         final = arm["final_stage"]
         records = list(arm["seeds"].values())
