@@ -328,18 +328,16 @@ def evaluate_run(
     from alter_ds.config import ExperimentConfig, load_config
     from alter_ds.data.tasks import split_examples
     from alter_ds.mta.model import MTAModel
+    from alter_ds.run import RunLayout
 
     root = Path(run_dir)
     config: ExperimentConfig = load_config(root / "config.yaml")
-    names = [s.name for s in config.stages]
-    if stage is not None and not stage.isdigit() and stage not in names:
-        raise ValueError(f"--stage {stage}: the run has stages {names} (or give their numbers 1..{len(names)})")
-    index = len(names) - 1 if stage is None else (int(stage) - 1 if stage.isdigit() else names.index(stage))
-    if not 0 <= index < len(names):
-        raise ValueError(f"--stage {stage}: the run has stages {names} (or give their numbers 1..{len(names)})")
-    model_dir = root / f"stage{index + 1}" / "model"
+    layout = RunLayout.of(config, root)
+    index = len(layout.stage_names) - 1 if stage is None else layout.stage_index(stage)
+    name = layout.stage_names[index]
+    model_dir = layout.model_dir(index)
     if not (model_dir / "mta_config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} does not exist: stage {names[index]!r} has not finished")
+        raise FileNotFoundError(f"{model_dir} does not exist: stage {name!r} has not finished")
     from alter_ds.mta.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
@@ -354,11 +352,11 @@ def evaluate_run(
         config.training.eval_batch_size,
         max_examples,
     )
-    out = root / "eval"
+    out = layout.eval_dir
     out.mkdir(parents=True, exist_ok=True)
     # never the name training writes (eval/<stage>_dev.json): that one keeps the numbers the run printed
-    (out / f"{names[index]}_{split}_{'all' if max_examples is None else max_examples}.json").write_text(
+    (out / f"{name}_{split}_{'all' if max_examples is None else max_examples}.json").write_text(
         json.dumps(results, indent=2)
     )
-    print(format_results({f"{names[index]} ({split})": results}))
+    print(format_results({f"{name} ({split})": results}))
     return results

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from alter_ds.config import ConfigError, ExperimentConfig, config_from_dict, load_config, require
+from alter_ds.run import RunLayout
 
 STUDY_EVAL_FILE = "study_eval.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -281,13 +282,10 @@ class Study:
         if (arm.eval_stages or self.config.eval.stages) == "last":
             stages = stages[-1:]
         results: dict[str, Any] = {}
+        layout = RunLayout.of(config)
         for index in stages:
-            model_dir = run.run_dir / f"stage{index + 1}" / "model"
-            results[config.stages[index].name] = self._score(config, model_dir)
-        summaries = {
-            s.name: json.loads((run.run_dir / f"stage{i + 1}" / "summary.json").read_text())
-            for i, s in enumerate(config.stages)
-        }
+            results[config.stages[index].name] = self._score(config, layout.model_dir(index))
+        summaries = {name: json.loads(layout.summary_file(i).read_text()) for i, name in enumerate(layout.stage_names)}
         record = {
             "arm": run.arm,
             "seed": run.seed,

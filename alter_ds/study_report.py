@@ -168,12 +168,15 @@ def write_figures(study: Any, results: dict[str, Any]) -> dict[str, str]:
 
 def _loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(global step, loss) over the run's stages in order; a resumed stage's repeated steps count once."""
+    from alter_ds.run import RunLayout
+
+    layout = RunLayout(run_dir, ())
     curve: list[tuple[int, float]] = []
     offset = 0
-    index = 1
-    while (run_dir / f"stage{index}" / "metrics.jsonl").is_file():
+    index = 0
+    while layout.metrics_file(index).is_file():
         points: dict[int, float] = {}
-        for line in (run_dir / f"stage{index}" / "metrics.jsonl").read_text().splitlines():
+        for line in layout.metrics_file(index).read_text().splitlines():
             record = json.loads(line)
             points[int(record["step"])] = float(record["train/loss"])
         curve += [(offset + step, loss) for step, loss in sorted(points.items())]

@@ -42,6 +42,7 @@ from alter_ds.evaluate import evaluate, format_results
 from alter_ds.logs import RunLogger
 from alter_ds.mta.backbone import is_seq2seq, load_tokenizer
 from alter_ds.mta.model import MTAModel, build_model
+from alter_ds.run import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,31 +125,18 @@ def deepspeed_config(config: ExperimentConfig, world_size: int, accelerator: str
     return ds
 
 
-def selected_stages(config: ExperimentConfig, choice: str) -> list[int]:
-    names = [s.name for s in config.stages]
-    if not names:
-        raise TrainingError("the config lists no stages")
-    if choice == "all":
-        return list(range(len(names)))
-    if choice.isdigit() and 1 <= int(choice) <= len(names):
-        return [int(choice) - 1]
-    if choice in names:
-        return [names.index(choice)]
-    raise TrainingError(f"--stage {choice}: choose 1..{len(names)}, a stage name {names}, or all")
-
-
-def stage_source(config: ExperimentConfig, index: int, run_dir: Path) -> Path | None:
+def stage_source(config: ExperimentConfig, index: int, layout: RunLayout) -> Path | None:
     """Where the model an earlier stage exported lies, for a stage that starts from it (None: the backbone)."""
     name = config.stages[index].init_from
     if name is None:
         return None
-    return run_dir / f"stage{[s.name for s in config.stages].index(name) + 1}" / "model"
+    return layout.model_dir(layout.stage_index(name))
 
 
-def stage_model(config: ExperimentConfig, index: int, run_dir: Path) -> MTAModel:
+def stage_model(config: ExperimentConfig, index: int, layout: RunLayout) -> MTAModel:
     """The model a stage starts from: the backbone, or the model an earlier stage exported."""
     stage = config.stages[index]
-    source = stage_source(config, index, run_dir)
+    source = stage_source(config, index, layout)
     if source is None:
         return build_model(config)
     if not (source / "mta_config.json").is_file():
@@ -206,28 +194,26 @@ def per_task_loss(
 
 # ------------------------------------------------------------------------------------------- stage
 def train_stage(
-    config: ExperimentConfig, index: int, run_dir: Path, args: argparse.Namespace, env: dict[str, Any]
+    config: ExperimentConfig, index: int, layout: RunLayout, args: argparse.Namespace, env: dict[str, Any]
 ) -> dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
 
     rank, world, accelerator = env["rank"], env["world"], env["accelerator"]
     stage = config.stages[index]
-    stage_dir = run_dir / f"stage{index + 1}"
-    finished = stage_dir / "summary.json"
-    if args.resume == "auto" and finished.is_file() and (stage_dir / "model" / "mta_config.json").is_file():
+    if args.resume == "auto" and layout.stage_finished(index):
         if rank == 0:
-            print(f"stage {stage.name} already finished ({stage_dir / 'model'}); skipping")
-        return dict(json.loads(finished.read_text()))
-    checkpoints = stage_dir / "checkpoints"
+            print(f"stage {stage.name} already finished ({layout.model_dir(index)}); skipping")
+        return dict(json.loads(layout.summary_file(index).read_text()))
+    checkpoints = layout.checkpoints(index)
     tokenizer, data, logger = env["tokenizer"], env["train_data"], env["logger"]
     seq2seq = env["seq2seq"]
 
     torch.manual_seed(config.seed + 1000 * index + rank)
-    model = stage_model(config, index, run_dir)
+    model = stage_model(config, index, layout)
     counts = model.apply_stage(stage)
     if rank == 0:
-        origin = stage_source(config, index, run_dir) or "the backbone"
+        origin = stage_source(config, index, layout) or "the backbone"
         print(
             f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}; "
             f"starts from {origin}"
@@ -240,8 +226,8 @@ def train_stage(
     optimizer, schedule = optimizer_and_schedule(model, stage, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if rank == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        layout.stage_dir(index).mkdir(parents=True, exist_ok=True)
+        layout.deepspeed_config_file.write_text(json.dumps(ds_config, indent=2))
 
     collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq)
     batches = TrainBatches(
@@ -323,7 +309,7 @@ def train_stage(
         step_times.append(time.perf_counter() - started)
         progress.update(1)
         if step % config.training.log_every == 0 or step == stage.steps:
-            _log_window(engine, model, logger, window, step, index, config, progress, stage_dir / "metrics.jsonl")
+            _log_window(engine, model, logger, window, step, index, config, progress, layout.metrics_file(index))
         if step % config.training.checkpoint_every == 0 and step < stage.steps:
             checkpoint()
         if config.training.eval_every and step % config.training.eval_every == 0 and step < stage.steps:
@@ -339,10 +325,9 @@ def train_stage(
         "nonfinite_skipped": nonfinite_total,
         "dev": results,
     }
-    export = stage_dir / "model"
     if rank == 0:
-        _module_fp32(engine, model).save_pretrained(export)
-        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _module_fp32(engine, model).save_pretrained(layout.model_dir(index))
+        layout.summary_file(index).write_text(json.dumps(summary, indent=2))
     else:
         _module_fp32(engine, model)
     dist.barrier()
@@ -459,12 +444,10 @@ def _evaluate(model: MTAModel, env: dict[str, Any], config: ExperimentConfig, na
         config.training.eval_max_examples,
     )
     usage = _gathered_usage(model)
-    env["logger"].routing(
-        usage, step, f"eval/{name}", heatmap=True, save_to=env["run_dir"] / "eval" / f"{name}_routing"
-    )
+    env["logger"].routing(usage, step, f"eval/{name}", heatmap=True, save_to=env["layout"].eval_dir / f"{name}_routing")
     if env["rank"] == 0:
         env["logger"].scalars({f"eval/{t}/{r['metric']}": r["score"] for t, r in results.items()}, step)
-        out = env["run_dir"] / "eval"
+        out = env["layout"].eval_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}_dev.json").write_text(json.dumps(results, indent=2))
         print(f"\n{name} (dev)\n" + format_results({name: results}))
@@ -482,10 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         config.validate()
     rank, world, accelerator = init_distributed()
     quiet_libraries(rank)
-    run_dir = Path(config.training.output_dir) / config.run_name
+    layout = RunLayout.of(config)
+    stages = layout.select(args.stage)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        layout.root.mkdir(parents=True, exist_ok=True)
+        save_config(config, layout.config_file)
     stop = StopRequest().install()
     tokenizer = load_tokenizer(config.model)
     seq2seq = is_seq2seq(config.model)
@@ -496,18 +480,18 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer": tokenizer,
         "seq2seq": seq2seq,
         "stop": stop,
-        "run_dir": run_dir,
+        "layout": layout,
         "train_data": MultiTaskData.load(config.tasks, tokenizer, seq2seq, "train", config.data.root, config.seed),
         "dev": split_examples(config.tasks, "dev", config.data.root, config.seed),
-        "logger": RunLogger(run_dir / "tb", rank, config.task_names()),
+        "logger": RunLogger(layout.tensorboard_dir, rank, config.task_names()),
     }
-    summaries = [train_stage(config, index, run_dir, args, env) for index in selected_stages(config, args.stage)]
+    summaries = [train_stage(config, index, layout, args, env) for index in stages]
     env["logger"].close()
     if rank == 0:
         columns = {"backbone": env["backbone_results"]} if "backbone_results" in env else {}
         columns.update({s["stage"]: s["dev"] for s in summaries})
         print("\nper-task dev metrics\n" + format_results(columns, delta=True))
-        print(f"\nTensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+        print(f"\nTensorBoard: tensorboard --logdir {layout.tensorboard_dir}")
     return 0
 
 

@@ -274,7 +274,7 @@ def test_eval_command_on_a_finished_run(full_run, capsys):
     assert "stage2 (test)" in capsys.readouterr().out
     assert main(["eval", str(run), "--stage", "9"]) == 2
     assert main(["eval", str(run), "--stage", "nope"]) == 2
-    assert "--stage nope: the run has stages ['stage1', 'stage2']" in capsys.readouterr().err
+    assert "--stage nope: choose 1..2, a stage name ['stage1', 'stage2'], or all" in capsys.readouterr().err
 
 
 @pytest.mark.slow
