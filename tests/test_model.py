@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -263,3 +264,28 @@ def test_layers_none_is_the_bare_backbone_that_trains_saves_and_exports(tmp_path
     model.export_task(tmp_path / "export", "topic", check_inputs=inputs)
     with pytest.raises(ValueError, match="say layers: none"):
         MTAModel(tiny_backbone("llama"), MTAConfig(layers=[]), TASKS)
+
+
+def test_a_stage_after_backbone_training_saves_the_trained_backbone_not_the_reference(tmp_path):
+    """alter-paper: stage 1 trains the backbone, stage 2 only the MTA module. Stage 2's export must carry stage
+    1's backbone; a reference to the pretrained model would silently undo stage 1's backbone training."""
+    from tiny_models import tiny_backbone
+
+    from alter_ds.config import ModelConfig
+
+    tiny_backbone("llama").save_pretrained(tmp_path / "pretrained")
+    reference = dataclasses.asdict(ModelConfig(name_or_path=str(tmp_path / "pretrained")))
+    model = MTAModel(tiny_backbone("llama"), MTAConfig(), TASKS, backbone_reference=reference)
+    model.set_trainable(["backbone", "task_experts"])
+    with torch.no_grad():
+        for parameter in model.backbone.parameters():
+            parameter.add_(0.1)  # what stage 1's training did to the backbone
+    model.save_pretrained(tmp_path / "stage1")
+    stage2 = MTAModel.from_pretrained(tmp_path / "stage1")
+    stage2.set_trainable(["router", "task_experts"])  # the backbone is frozen now
+    stage2.save_pretrained(tmp_path / "stage2")
+    assert json.loads((tmp_path / "stage2" / "mta_config.json").read_text())["backbone_saved"]
+    final = MTAModel.from_pretrained(tmp_path / "stage2")
+    inputs = batch_inputs(model)
+    expected = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    torch.testing.assert_close(final(**inputs, task_ids=[0, 1, 2, 0]).logits, expected, rtol=0, atol=0)

@@ -485,7 +485,10 @@ class MTAModel(nn.Module):
                 backbone = load_backbone(config_from_dict(ModelConfig, metadata["backbone"]))
             else:
                 raise FileNotFoundError(f"{root}: the backbone was neither saved nor referenced; pass backbone=")
-        model = cls(backbone, mta_config, tasks, router, layout, metadata.get("backbone"))
+        # weights saved with the artefact are the backbone now: the original reference no longer describes it,
+        # so a later save (e.g. of a stage that starts here) must write the weights again, not the reference
+        reference = None if backbone_saved else metadata.get("backbone")
+        model = cls(backbone, mta_config, tasks, router, layout, reference)
         if backbone_saved:
             saved = load_file(str(root / BACKBONE_DIR / "model.safetensors"), device=map_location)
             pretrained = {
