@@ -66,6 +66,8 @@ RouterKind = Literal["hard", "task_weights", "gate", "token", "uniform", "fixed"
 RouterMode = Literal["softmax", "gumbel", "st_gumbel"]
 ExpertInit = Literal["zeros", "pretrained", "expert"]
 PARAMETER_GROUPS = ("backbone", "task_experts", "shared_experts", "router")
+#: a name that is also a directory name (run names, study arms)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -367,7 +369,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         require(bool(self.tasks), "tasks", "list at least one task")
         require(
-            bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name)),
+            bool(PLAIN_NAME.fullmatch(self.run_name)),
             "run_name",
             f"{self.run_name!r} must be a plain directory name (letters, digits, '.', '_', '-')",
         )

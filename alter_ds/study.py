@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from alter_ds.config import ConfigError, ExperimentConfig, config_from_dict, load_config, require
+from alter_ds.config import PLAIN_NAME, ConfigError, ExperimentConfig, config_from_dict, load_config, require
 from alter_ds.run import RunLayout
 
 STUDY_EVAL_FILE = "study_eval.json"
@@ -57,9 +57,7 @@ class ArmConfig:
     eval_stages: Literal["last", "all"] | None = None
 
     def validate(self) -> None:
-        import re
-
-        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)), "name", "a plain name (letters, -, _)")
+        require(bool(PLAIN_NAME.fullmatch(self.name)), "name", "a plain name (letters, -, _)")
         require(self.seeds is None or len(self.seeds) > 0, "seeds", "list at least one seed")
 
 
