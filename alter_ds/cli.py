@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from alter_ds.config import ConfigError, ExperimentConfig, load_config
-from alter_ds.study import StudyError
+from alter_ds.config import ExperimentConfig, load_config
+from alter_ds.errors import AlterDsError
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -97,27 +97,12 @@ def _prepare_model(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Start the DeepSpeed launcher on alter_ds/train.py (what a user would type, done for them)."""
     import os
-    import shutil
-    from pathlib import Path
 
-    launcher = shutil.which("deepspeed")
-    if launcher is None:
-        raise FileNotFoundError("the deepspeed launcher is not on PATH: pip install deepspeed")
-    script = Path(__file__).with_name("train.py")
-    command = [
-        launcher,
-        "--num_gpus",
-        str(args.ranks),
-        str(script),
-        "--config",
-        args.config,
-        "--stage",
-        args.stage,
-        "--resume",
-        args.resume,
-    ]
+    from alter_ds.launch import launcher_command, launcher_env, training_arguments
+
+    command = launcher_command(training_arguments(args), args.ranks, log_level=args.log_level)
     print(" ".join(command), flush=True)
-    os.execv(launcher, command)
+    os.execve(command[0], command, launcher_env(args.ranks))
     return 0  # not reached
 
 
@@ -178,10 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.add_argument("--cache", default=None, help="default: ~/.cache/alter-ds/models")
     model.set_defaults(run=_prepare_model)
     train = commands.add_parser("train", help="run the stages of a config with the DeepSpeed launcher")
-    train.add_argument("config")
-    train.add_argument("--stage", default="all")
+    from alter_ds.launch import add_training_arguments
+
+    add_training_arguments(train, positional_config=True)
     train.add_argument("--ranks", type=int, default=1, help="processes on this machine (GPUs, or CPU ranks)")
-    train.add_argument("--resume", default="auto", choices=["auto", "none"])
+    train.add_argument("--log-level", default="warning", help="the launcher's log level (info shows DeepSpeed's)")
     train.set_defaults(run=_train)
     evaluation = commands.add_parser("eval", help="evaluate a finished run's model per task")
     evaluation.add_argument("run_dir")
@@ -200,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ConfigError, StudyError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except AlterDsError as error:  # one line for what the user can fix; a bug keeps its traceback
         print(f"alter-ds: {error}", file=sys.stderr)
         return 2
 

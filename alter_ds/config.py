@@ -20,12 +20,13 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from alter_ds.errors import AlterDsError
 from alter_ds.ops.grouped_adapter import ACTIVATIONS
 
 KeyPath = tuple[str | int, ...]
 
 
-class ConfigError(ValueError):
+class ConfigError(AlterDsError, ValueError):
     """A configuration problem, reported once with the key path and, when known, the file and line."""
 
     def __init__(self, message: str, key: KeyPath = (), source: str | None = None, line: int | None = None):
@@ -40,12 +41,13 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{name + ': ' if name else ''}{message}")
 
 
-class FieldError(ValueError):
+class FieldError(AlterDsError, ValueError):
     """Raised by ``validate`` methods; the loader turns it into a ConfigError with the full key path."""
 
     def __init__(self, key: str | KeyPath, message: str):
         self.key: KeyPath = (key,) if isinstance(key, str) else tuple(key)
-        super().__init__(message)
+        self.detail = message
+        super().__init__(f"{format_key(self.key)}: {message}")
 
 
 def format_key(key: KeyPath) -> str:
@@ -321,6 +323,9 @@ class TrainingConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = 0.0
     gradient_clipping: float = 1.0
+    #: recompute the backbone's layers in backward instead of keeping their activations (less memory, ~1/3
+    #: more compute); each layer replays the routing of its forward
+    activation_checkpointing: bool = False
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -511,9 +516,85 @@ def _convert(hint: Any, value: Any, key: KeyPath, lines: _Lines) -> Any:
     raise TypeError(f"config field type {hint!r} is not supported by the loader")
 
 
+def merge(base: Any, override: Any, where: str) -> Any:
+    """``override`` merged into ``base``: mappings key by key; lists of ``stages``/``tasks`` by name (an
+    override ``{name: changes}`` changes that entry only)."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        if key in ("stages", "tasks") and isinstance(value, dict) and isinstance(base.get(key), list):
+            merged[key] = merge_by_name(base[key], value, f"{where}.{key}")
+        elif key in base:
+            merged[key] = merge(base[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def merge_by_name(items: list[Any], overrides: Mapping[str, Any], where: str) -> list[Any]:
+    """``items`` (mappings with a ``name``) with ``overrides[name]`` merged into the entry of that name."""
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    unknown = [name for name in overrides if name not in names]
+    if unknown:
+        raise ConfigError(f"{where}: no entry named {unknown[0]!r}; the names are {names}")
+    return [merge(item, overrides.get(item.get("name"), {}), f"{where}.{item.get('name')}") for item in items]
+
+
+#: ``tasks: {suite: NAME, root: DIR, override: {task: {...}}}`` in place of a list: the suites alter-ds defines
+TASK_SUITES = ("default",)
+_SUITE_KEYS = ("suite", "root", "override")
+
+
+def expand_task_suite(data: Any, lines: _Lines | None = None) -> Any:
+    """An experiment's raw data with a ``tasks`` suite reference replaced by the suite's task list.
+
+    The default suite is defined once, beside the corpora ``prepare-data`` builds it from
+    (``alter_ds.data.prepare.default_suite``); a config names it and changes what it needs by task name::
+
+        tasks:
+          suite: default
+          root: data/default          # where prepare-data wrote it (the default)
+          override:
+            imdb: {max_input_tokens: 96}
+    """
+    lines = lines or _Lines(None, {})
+    if not isinstance(data, Mapping) or not isinstance(data.get("tasks"), Mapping):
+        return data
+    reference = data["tasks"]
+    for name in reference:
+        if name not in _SUITE_KEYS:
+            raise lines.error(("tasks", str(name)), f"unknown key; a task suite takes {', '.join(_SUITE_KEYS)}")
+    suite = reference.get("suite")
+    if suite not in TASK_SUITES:
+        raise lines.error(("tasks", "suite"), f"unknown suite {suite!r}; the suites are {list(TASK_SUITES)}")
+    root = reference.get("root", "data/default")
+    if not isinstance(root, str):
+        raise lines.error(("tasks", "root"), f"expected a directory, got {root!r}")
+    from alter_ds.data.prepare import default_suite  # the suite's definition lives with its corpora
+
+    tasks = [config_to_dict(task) for task in default_suite(root)]
+    override = reference.get("override") or {}
+    if not isinstance(override, Mapping):
+        raise lines.error(("tasks", "override"), "expected a mapping of task name -> changes")
+    names = [task["name"] for task in tasks]
+    unknown = [str(name) for name in override if name not in names]
+    if unknown:
+        raise lines.error(("tasks", "override", unknown[0]), f"no task named {unknown[0]!r}; the suite has {names}")
+    tasks = merge_by_name(tasks, override, "tasks.override")
+    for index, task in enumerate(tasks):  # a problem in an overridden value points at the override's line
+        for field_name in task:
+            given = ("tasks", "override", task["name"], field_name)
+            if given in lines.lines:
+                lines.lines[("tasks", index, field_name)] = lines.lines[given]
+    return {**data, "tasks": tasks}
+
+
 def _build(cls: type[T], data: Any, key: KeyPath, lines: _Lines) -> T:
     if not isinstance(data, Mapping):
         raise lines.error(key, f"expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
+    if cls is ExperimentConfig:
+        data = expand_task_suite(data, lines)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     for name in data:
@@ -531,7 +612,7 @@ def _build(cls: type[T], data: Any, key: KeyPath, lines: _Lines) -> T:
         try:
             validate()
         except FieldError as error:
-            raise lines.error((*key, *error.key), str(error)) from None
+            raise lines.error((*key, *error.key), error.detail) from None
     return instance
 
 

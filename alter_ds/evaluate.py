@@ -24,6 +24,7 @@ from alter_ds.data.collate import (
     tokenize_example,
 )
 from alter_ds.data.tasks import Example
+from alter_ds.errors import MissingFileError
 from alter_ds.metrics import score
 
 
@@ -337,7 +338,7 @@ def evaluate_run(
     name = layout.stage_names[index]
     model_dir = layout.model_dir(index)
     if not (model_dir / "mta_config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} does not exist: stage {name!r} has not finished")
+        raise MissingFileError(f"{model_dir} does not exist: stage {name!r} has not finished")
     from alter_ds.mta.backbone import load_tokenizer
 
     tokenizer = load_tokenizer(config.model)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alter_ds.config import ExperimentConfig
+from alter_ds.errors import AlterDsError
 
 
-class StageChoiceError(ValueError):
+class StageChoiceError(AlterDsError, ValueError):
     """A ``--stage`` that names no stage of the run."""
 
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,25 @@ from typing import Any, Literal
 
 import yaml
 
-from alter_ds.config import PLAIN_NAME, ConfigError, ExperimentConfig, config_from_dict, load_config, require
+from alter_ds.config import (
+    PLAIN_NAME,
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    expand_task_suite,
+    load_config,
+    require,
+)
+from alter_ds.config import merge as merge_configs
+from alter_ds.errors import AlterDsError
+from alter_ds.launch import has_cuda, launcher_command, launcher_env
 from alter_ds.run import RunLayout
 
 STUDY_EVAL_FILE = "study_eval.json"
 REPO = Path(__file__).resolve().parents[1]
 
 
-class StudyError(RuntimeError):
+class StudyError(AlterDsError, RuntimeError):
     """A study that cannot go on; the message names the arm, run or file."""
 
 
@@ -112,26 +122,11 @@ class StudyConfig:
 
 # ------------------------------------------------------------------------------------ composition
 def merge(base: Any, override: Any, where: str) -> Any:
-    """``override`` merged into ``base``: mappings key by key; ``stages``/``tasks`` mappings by name."""
-    if not isinstance(base, dict) or not isinstance(override, dict):
-        return override
-    merged = dict(base)
-    for key, value in override.items():
-        if key in ("stages", "tasks") and isinstance(value, dict) and isinstance(base.get(key), list):
-            merged[key] = _merge_by_name(base[key], value, f"{where}.{key}")
-        elif key in base:
-            merged[key] = merge(base[key], value, f"{where}.{key}")
-        else:
-            merged[key] = value
-    return merged
-
-
-def _merge_by_name(items: list[Any], overrides: dict[str, Any], where: str) -> list[Any]:
-    names = [item.get("name") for item in items if isinstance(item, dict)]
-    unknown = [name for name in overrides if name not in names]
-    if unknown:
-        raise StudyError(f"{where}: no entry named {unknown[0]!r}; the names are {names}")
-    return [merge(item, overrides.get(item.get("name"), {}), f"{where}.{item.get('name')}") for item in items]
+    """``alter_ds.config.merge`` with its errors as a ``StudyError`` (they name the arm's overrides)."""
+    try:
+        return merge_configs(base, override, where)
+    except ConfigError as error:
+        raise StudyError(error.detail) from None
 
 
 def _find(path: str, study_file: Path) -> Path:
@@ -165,7 +160,7 @@ class Study:
         self.file = Path(path)
         self.config: StudyConfig = load_config(self.file, StudyConfig)
         self.root = Path(self.config.output_dir) / self.config.name
-        base = _read_yaml(_find(self.config.base, self.file))
+        base = expand_task_suite(_read_yaml(_find(self.config.base, self.file)))  # overrides name its tasks
         self.base = merge(base, self.config.base_overrides, "base_overrides")
         self.experiments: dict[tuple[str, int], ExperimentConfig] = {}
         self.runs: list[Run] = []
@@ -229,7 +224,16 @@ class Study:
         return yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
 
     def _check_unchanged(self, run: Run) -> None:
-        if run.config_path.is_file() and run.config_path.read_text() != self._config_text(run):
+        """The saved config, read with today's defaults, must equal the arm's: a key a newer alter-ds added
+        with its default does not count as a change, a changed value or a key it no longer knows does."""
+        if not run.config_path.is_file():
+            return
+        current = dataclasses.asdict(self.experiments[(run.arm, run.seed)])
+        try:
+            saved = dataclasses.asdict(load_config(run.config_path))
+        except ConfigError:
+            saved = None
+        if saved != current:
             raise StudyError(
                 f"arm {run.arm!r} seed {run.seed}: its config changed since it ran ({run.config_path}); "
                 f"rename the arm, or delete {run.run_dir} and {run.config_path} to run it again"
@@ -240,28 +244,10 @@ class Study:
         _write_atomic(run.config_path, self._config_text(run))
 
     def _train(self, run: Run) -> None:
-        launcher = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        if launcher is None:
-            raise StudyError("the deepspeed launcher is not on PATH: pip install deepspeed")
         ranks = self.config.ranks
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        if not _has_cuda():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-        command = [
-            launcher,
-            "--log_level",
-            "warning",
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(29500 + os.getpid() % 400),
-            str(REPO / "alter_ds" / "train.py"),
-            "--config",
-            str(run.config_path),
-            "--stage",
-            "all",
-        ]
+        train_args = ["--config", str(run.config_path), "--stage", "all"]
+        command = launcher_command(train_args, ranks, master_port=29500 + os.getpid() % 400)
+        env = launcher_env(ranks)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         with (run.run_dir / "train.log").open("a") as handle:
             handle.write(f"$ {' '.join(command)}\n")
@@ -322,7 +308,7 @@ class Study:
         transformers.utils.logging.disable_progress_bar()
         tokenizer = load_tokenizer(config.model)
         model = build_model(config) if model_dir is None else MTAModel.from_pretrained(model_dir)
-        if _has_cuda():  # the study's own process scores on the first GPU; training used the launcher's ranks
+        if has_cuda():  # the study's own process scores on the first GPU; training used the launcher's ranks
             model = model.to("cuda")
         examples = {
             task.name: load_split(task, settings.split, config.data.root, settings.seed).examples[
@@ -335,12 +321,6 @@ class Study:
         )
         routing = {name: block.usage().tolist() for name, block in model.blocks.items()}
         return {"tasks": results, "routing": routing}
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _write_atomic(path: Path, text: str) -> None:

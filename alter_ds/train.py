@@ -27,18 +27,19 @@ if __package__ in (None, ""):  # run as a script by the launcher: make the packa
 import torch
 
 from alter_ds.checkpoint import (
-    CheckpointError,
     StopRequest,
+    find_checkpoint,
     fingerprint,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from alter_ds.config import ExperimentConfig, StageConfig, load_config, save_config
 from alter_ds.data.collate import MultiTaskCollator, token_losses
 from alter_ds.data.multitask import MultiTaskData, TrainBatches
-from alter_ds.data.tasks import split_examples
+from alter_ds.data.tasks import Example, split_examples
+from alter_ds.errors import AlterDsError
 from alter_ds.evaluate import evaluate, format_results
+from alter_ds.launch import add_training_arguments
 from alter_ds.logs import RunLogger
 from alter_ds.mta.backbone import is_seq2seq, load_tokenizer
 from alter_ds.mta.model import MTAModel, build_model
@@ -47,24 +48,21 @@ from alter_ds.run import RunLayout
 REPO = Path(__file__).resolve().parents[1]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AlterDsError, RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
 # ------------------------------------------------------------------------------------------- setup
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    parser.add_argument("--stage", default="all", help="1, 2, ... or a stage name, or all (default)")
-    parser.add_argument("--resume", default="auto", choices=["auto", "none"], help="resume from the latest checkpoint")
-    parser.add_argument("--output-dir", default=None, help="override training.output_dir")
-    parser.add_argument("--run-name", default=None, help="override run_name (the run directory's name)")
+    add_training_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_args(argv)
 
 
 def init_distributed() -> tuple[int, int, str]:
-    """Start the process group (gloo on CPU, nccl on GPUs) the way the launcher or torchrun asks."""
+    """Start the process group (gloo on CPU, nccl on GPUs) the way the launcher or torchrun asks; returns the
+    rank, the world size and the accelerator's name."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -75,6 +73,13 @@ def init_distributed() -> tuple[int, int, str]:
     if accelerator != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size(), accelerator
+
+
+def _rank_device() -> torch.device:
+    """The device this rank computes on (and every collective's tensors live on)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def quiet_libraries(rank: int) -> None:
@@ -121,7 +126,12 @@ def deepspeed_config(config: ExperimentConfig, world_size: int, accelerator: str
         zero_allow_untested_optimizer=True,
         steps_per_print=10**9,
     )
-    ds.setdefault("zero_optimization", {"stage": 2})
+    zero_stage = ds.setdefault("zero_optimization", {"stage": 2}).get("stage", 0)
+    if zero_stage not in (1, 2):
+        raise TrainingError(
+            f"{path}: zero_optimization.stage is {zero_stage}; alter-ds trains with ZeRO stage 1 or 2 (its "
+            f"checkpoints are ZeRO partitions, and ZeRO skips a step whose gradients are not finite)"
+        )
     return ds
 
 
@@ -181,37 +191,104 @@ def optimizer_and_schedule(model: MTAModel, stage: StageConfig, config: Experime
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def per_task_loss(
-    logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, seq2seq: bool
-) -> torch.Tensor:
-    """``[2, tasks]``: summed token loss and token count of each task in the micro-batch (for logging)."""
-    losses, mask = token_losses(logits, labels, seq2seq)
-    sums = torch.zeros(2, num_tasks)
-    sums[0].index_add_(0, task_ids.cpu(), (losses * mask).sum(1).detach().cpu())
-    sums[1].index_add_(0, task_ids.cpu(), mask.sum(1).float().cpu())
-    return sums
+def micro_batch_loss(
+    engine: Any, model: MTAModel, batch: dict[str, torch.Tensor], num_tasks: int, seq2seq: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's training loss (mean over its target tokens) and ``[2, tasks]`` summed token loss and
+    token count per task, for logging, both from one cross-entropy over the vocabulary: the backbone is not
+    given the labels, so it computes no loss of its own."""
+    inputs = dict(batch)
+    labels = inputs.pop("labels")
+    if seq2seq:
+        prepare = getattr(model.backbone, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is not None:
+            inputs["decoder_input_ids"] = prepare(labels=labels)
+        else:  # the backbone shifts the labels itself (and computes a loss that goes unused)
+            inputs["labels"] = labels
+    output = engine(**inputs)
+    losses, mask = token_losses(output.logits, labels, seq2seq)
+    example_loss = (losses * mask).sum(1)
+    example_tokens = mask.sum(1)
+    sums = torch.zeros(2, num_tasks, device=losses.device)
+    sums[0].index_add_(0, batch["task_ids"], example_loss.detach())
+    sums[1].index_add_(0, batch["task_ids"], example_tokens.float())
+    return example_loss.sum() / example_tokens.sum().clamp_min(1), sums
 
 
 # ------------------------------------------------------------------------------------------- stage
-def train_stage(
-    config: ExperimentConfig, index: int, layout: RunLayout, args: argparse.Namespace, env: dict[str, Any]
-) -> dict[str, Any]:
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of one run shares: this rank's place, the data, the tokenizer, the logger and the
+    stop request (set once in ``main``)."""
+
+    layout: RunLayout
+    rank: int
+    world: int
+    accelerator: str
+    device: torch.device  # this rank's compute device, where every collective's tensors live
+    tokenizer: Any
+    seq2seq: bool
+    stop: StopRequest
+    train_data: MultiTaskData
+    dev: dict[str, list[Example]]
+    logger: RunLogger
+    resume: bool = True  # --resume auto: skip finished stages and continue from the latest checkpoint
+    backbone_results: dict[str, Any] | None = None  # the backbone's dev scores, before the first stage
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step: whether ZeRO applied it, and what its micro-batches add to the log."""
+
+    applied: bool
+    loss_sums: torch.Tensor  # [2, tasks] on the device: summed token loss, token count
+    tokens: int
+    samples: int
+    lr: float  # the rate the update used
+
+
+def train_step(
+    engine: Any, model: MTAModel, batches: TrainBatches, accumulation: int, num_tasks: int, seq2seq: bool
+) -> StepResult:
+    """Run one optimizer step's micro-batches, forward and backward, with DeepSpeed stepping at the boundary.
+
+    ZeRO checks the reduced gradients of the whole step (every micro-batch, every rank) and skips the update,
+    and the schedule, when one is not finite, so every rank decides the same without an extra vote, and a bad
+    micro-batch never moves the accumulation boundary.
+    """
+    lr = float(engine.get_lr()[0])  # read before: after the step, the schedule has moved on
+    sums = torch.zeros(2, num_tasks, device=engine.device)
+    tokens = samples = 0
+    for _ in range(accumulation):
+        host_batch = batches.next_batch()
+        tokens += int(host_batch["attention_mask"].sum())
+        samples += int(host_batch["input_ids"].shape[0])
+        batch = {key: value.to(engine.device) for key, value in host_batch.items()}
+        loss, batch_sums = micro_batch_loss(engine, model, batch, num_tasks, seq2seq)
+        engine.backward(loss)
+        engine.step()
+        sums += batch_sums
+    return StepResult(bool(engine.was_step_applied()), sums, tokens, samples, lr)
+
+
+def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[str, Any]:
+    """Train stage ``index`` to its last step (resuming from its checkpoint), evaluate it on dev, export it."""
     import deepspeed
     import torch.distributed as dist
 
-    rank, world, accelerator = env["rank"], env["world"], env["accelerator"]
+    layout, rank, world, logger = run.layout, run.rank, run.world, run.logger
     stage = config.stages[index]
-    if args.resume == "auto" and layout.stage_finished(index):
+    if run.resume and layout.stage_finished(index):
         if rank == 0:
             print(f"stage {stage.name} already finished ({layout.model_dir(index)}); skipping")
         return dict(json.loads(layout.summary_file(index).read_text()))
     checkpoints = layout.checkpoints(index)
-    tokenizer, data, logger = env["tokenizer"], env["train_data"], env["logger"]
-    seq2seq = env["seq2seq"]
 
     torch.manual_seed(config.seed + 1000 * index + rank)
     model = stage_model(config, index, layout)
     counts = model.apply_stage(stage)
+    if config.training.activation_checkpointing:
+        model.activation_checkpointing_enable()
     if rank == 0:
         origin = stage_source(config, index, layout) or "the backbone"
         print(
@@ -219,19 +296,19 @@ def train_stage(
             f"starts from {origin}"
         )
         print(model.format_parameter_counts())
-    saved = latest_checkpoint(checkpoints) if args.resume == "auto" else None
+    saved = find_checkpoint(checkpoints) if run.resume else None
     if saved is not None and saved.world_size != world:
         config = _keep_global_batch(config, saved.world_size, world, rank)
-    ds_config = deepspeed_config(config, world, accelerator)
+    ds_config = deepspeed_config(config, world, run.accelerator)
     optimizer, schedule = optimizer_and_schedule(model, stage, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if rank == 0:
         layout.stage_dir(index).mkdir(parents=True, exist_ok=True)
         layout.deepspeed_config_file.write_text(json.dumps(ds_config, indent=2))
 
-    collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq)
+    collator = MultiTaskCollator(run.tokenizer.pad_token_id, run.seq2seq)
     batches = TrainBatches(
-        data, config.data, collator, config.training.micro_batch_size, rank, world, config.seed + index
+        run.train_data, config.data, collator, config.training.micro_batch_size, rank, world, config.seed + index
     )
     stamp = fingerprint(
         {
@@ -255,56 +332,40 @@ def train_stage(
         save_checkpoint(engine, checkpoints, f"step{step}", client, config.training.keep_checkpoints)
 
     if index == 0 and step == 0 and stage.init_from is None and config.training.eval_backbone:
-        env["backbone_results"] = _evaluate(model, env, config, "backbone", 0)
+        run.backbone_results = _evaluate(model, run, config, "backbone", 0)
 
     from tqdm import tqdm
 
     progress = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
     accumulation = config.training.gradient_accumulation_steps
-    window: dict[str, Any] = {
-        "loss": torch.zeros(2, len(config.tasks)),
-        "tokens": 0,
-        "samples": 0,
-        "time": time.perf_counter(),
-    }
+    window = _LogWindow.empty(len(config.tasks), engine.device)
     nonfinite_in_a_row, nonfinite_total, step_times = 0, 0, []
     engine.train()
     while step < stage.steps:
-        if _any_rank(env["stop"].requested):  # every rank, every step: a signal may reach one rank first
+        # The one vote of the step: a signal may reach one rank first, and every rank must stop at the same step.
+        if _any_rank(run.stop.requested, engine.device):
             checkpoint()
             if rank == 0:
-                reason = env["stop"].signal_name or "stop"
+                reason = run.stop.signal_name or "stop"
                 print(f"\n{reason} received: checkpointed stage {stage.name} at step {step}; exiting")
             raise SystemExit(0)
         started = time.perf_counter()
         model.set_step(step)
-        skipped = False
-        for _ in range(accumulation):
-            batch = {k: v.to(engine.device) for k, v in batches.next_batch().items()}
-            output = engine(**batch)
-            finite = bool(torch.isfinite(output.loss))
-            if _any_rank(not finite):  # every rank skips together, so ZeRO's collectives stay aligned
-                skipped = True
-                continue
-            engine.backward(output.loss)
-            engine.step()
-            window["loss"] += per_task_loss(
-                output.logits.detach(), batch["labels"], batch["task_ids"], len(config.tasks), seq2seq
-            )
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["samples"] += int(batch["input_ids"].shape[0])
-        if skipped:
+        result = train_step(engine, model, batches, accumulation, len(config.tasks), run.seq2seq)
+        if not result.applied:
             nonfinite_in_a_row += 1
             nonfinite_total += 1
             logger.scalars({"train/nonfinite_skipped": nonfinite_total}, step)
             if nonfinite_in_a_row >= config.training.max_nonfinite_steps:
                 checkpoint()
                 raise TrainingError(
-                    f"stage {stage.name}: {nonfinite_in_a_row} non-finite losses in a row at step {step}; "
-                    f"checkpointed. Lower the learning rate or check the data, then resume."
+                    f"stage {stage.name}: {nonfinite_in_a_row} steps in a row with a non-finite loss or gradient "
+                    f"at step {step}, each skipped; checkpointed. Lower the learning rate or check the data, "
+                    f"then resume."
                 )
             continue
         nonfinite_in_a_row = 0
+        window.add(result.loss_sums, result.tokens, result.samples, result.lr)
         step += 1
         step_times.append(time.perf_counter() - started)
         progress.update(1)
@@ -313,10 +374,10 @@ def train_stage(
         if step % config.training.checkpoint_every == 0 and step < stage.steps:
             checkpoint()
         if config.training.eval_every and step % config.training.eval_every == 0 and step < stage.steps:
-            _evaluate(model, env, config, f"{stage.name}_step{step}", step)
+            _evaluate(model, run, config, f"{stage.name}_step{step}", step)
     progress.close()
     checkpoint()
-    results = _evaluate(model, env, config, stage.name, step)
+    results = _evaluate(model, run, config, stage.name, step)
     summary = {
         "stage": stage.name,
         "steps": step,
@@ -350,10 +411,11 @@ def _keep_global_batch(config: ExperimentConfig, saved_world: int, world: int, r
     return dataclasses.replace(config, training=dataclasses.replace(training, gradient_accumulation_steps=accumulation))
 
 
-def _any_rank(flag: bool) -> bool:
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether the flag is set on any rank (a collective, on the engine's device: NCCL has no CPU tensors)."""
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
@@ -375,11 +437,32 @@ def _module_fp32(engine: Any, model: MTAModel) -> MTAModel:
     return model
 
 
+@dataclasses.dataclass
+class _LogWindow:
+    """What the steps since the last log line added up, kept on the device until it is logged."""
+
+    loss: torch.Tensor  # [2, tasks]: summed token loss, token count
+    tokens: int
+    samples: int
+    lr: float
+    started: float
+
+    @classmethod
+    def empty(cls, num_tasks: int, device: torch.device) -> _LogWindow:
+        return cls(torch.zeros(2, num_tasks, device=device), 0, 0, 0.0, time.perf_counter())
+
+    def add(self, sums: torch.Tensor, tokens: int, samples: int, lr: float) -> None:
+        self.loss += sums
+        self.tokens += tokens
+        self.samples += samples
+        self.lr = lr
+
+
 def _log_window(
     engine: Any,
     model: MTAModel,
     logger: RunLogger,
-    window: dict[str, Any],
+    window: _LogWindow,
     step: int,
     index: int,
     config: ExperimentConfig,
@@ -388,17 +471,18 @@ def _log_window(
 ) -> None:
     import torch.distributed as dist
 
-    totals = window["loss"].clone()
-    counters = torch.tensor([float(window["tokens"]), float(window["samples"])])
+    totals = window.loss.clone()
+    counters = torch.tensor([float(window.tokens), float(window.samples)], device=totals.device)
     if dist.is_initialized():
         dist.all_reduce(totals)
         dist.all_reduce(counters)
-    usage = _gathered_usage(model)
-    seconds = max(time.perf_counter() - window["time"], 1e-9)
+    totals, counters = totals.cpu(), counters.cpu()
+    usage = _gathered_usage(model, engine.device)
+    seconds = max(time.perf_counter() - window.started, 1e-9)
     loss = float(totals[0].sum() / totals[1].sum().clamp_min(1))
     values = {
         "train/loss": loss,
-        "train/lr": float(engine.get_lr()[0]),
+        "train/lr": window.lr,
         "train/tokens_per_s": float(counters[0]) / seconds,
         "train/samples_per_s": float(counters[1]) / seconds,
         "train/stage": float(index + 1),
@@ -417,37 +501,40 @@ def _log_window(
     logger.routing(usage, step, f"{prefix}/routing")
     logger.flush()
     progress.set_postfix(loss=f"{loss:.4f}")
-    window.update(loss=torch.zeros_like(window["loss"]), tokens=0, samples=0, time=time.perf_counter())
+    window.loss.zero_()
+    window.tokens = window.samples = 0
+    window.started = time.perf_counter()
 
 
-def _gathered_usage(model: MTAModel) -> dict[str, torch.Tensor]:
-    """Each block's mean routing per task since the last call, averaged over ranks (a collective)."""
+def _gathered_usage(model: MTAModel, device: torch.device) -> dict[str, torch.Tensor]:
+    """Each block's mean routing per task since the last call, averaged over ranks (a collective, on the
+    engine's device); returned on the CPU."""
     import torch.distributed as dist
 
-    usage = {name: block.usage().cpu() for name, block in model.blocks.items()}
+    usage = {name: block.usage().to(device) for name, block in model.blocks.items()}
     if dist.is_initialized():
         for matrix in usage.values():
             dist.all_reduce(matrix)
         usage = {name: matrix / dist.get_world_size() for name, matrix in usage.items()}
-    return usage
+    return {name: matrix.cpu() for name, matrix in usage.items()}
 
 
-def _evaluate(model: MTAModel, env: dict[str, Any], config: ExperimentConfig, name: str, step: int) -> dict[str, Any]:
-    _gathered_usage(model)  # drop training usage: the heatmap below shows routing on the dev set
+def _evaluate(model: MTAModel, run: RunContext, config: ExperimentConfig, name: str, step: int) -> dict[str, Any]:
+    _gathered_usage(model, run.device)  # drop training usage: the heatmap below shows routing on the dev set
     results = evaluate(
         model,
-        env["tokenizer"],
+        run.tokenizer,
         config.tasks,
-        env["dev"],
-        env["seq2seq"],
+        run.dev,
+        run.seq2seq,
         config.training.eval_batch_size,
         config.training.eval_max_examples,
     )
-    usage = _gathered_usage(model)
-    env["logger"].routing(usage, step, f"eval/{name}", heatmap=True, save_to=env["layout"].eval_dir / f"{name}_routing")
-    if env["rank"] == 0:
-        env["logger"].scalars({f"eval/{t}/{r['metric']}": r["score"] for t, r in results.items()}, step)
-        out = env["layout"].eval_dir
+    usage = _gathered_usage(model, run.device)
+    run.logger.routing(usage, step, f"eval/{name}", heatmap=True, save_to=run.layout.eval_dir / f"{name}_routing")
+    if run.rank == 0:
+        run.logger.scalars({f"eval/{t}/{r['metric']}": r["score"] for t, r in results.items()}, step)
+        out = run.layout.eval_dir
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}_dev.json").write_text(json.dumps(results, indent=2))
         print(f"\n{name} (dev)\n" + format_results({name: results}))
@@ -470,34 +557,42 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         layout.root.mkdir(parents=True, exist_ok=True)
         save_config(config, layout.config_file)
-    stop = StopRequest().install()
     tokenizer = load_tokenizer(config.model)
     seq2seq = is_seq2seq(config.model)
-    env = {
-        "rank": rank,
-        "world": world,
-        "accelerator": accelerator,
-        "tokenizer": tokenizer,
-        "seq2seq": seq2seq,
-        "stop": stop,
-        "layout": layout,
-        "train_data": MultiTaskData.load(config.tasks, tokenizer, seq2seq, "train", config.data.root, config.seed),
-        "dev": split_examples(config.tasks, "dev", config.data.root, config.seed),
-        "logger": RunLogger(layout.tensorboard_dir, rank, config.task_names()),
-    }
-    summaries = [train_stage(config, index, layout, args, env) for index in stages]
-    env["logger"].close()
+    run = RunContext(
+        layout=layout,
+        rank=rank,
+        world=world,
+        accelerator=accelerator,
+        device=_rank_device(),
+        tokenizer=tokenizer,
+        seq2seq=seq2seq,
+        stop=StopRequest().install(),
+        train_data=MultiTaskData.load(config.tasks, tokenizer, seq2seq, "train", config.data.root, config.seed),
+        dev=split_examples(config.tasks, "dev", config.data.root, config.seed),
+        logger=RunLogger(layout.tensorboard_dir, rank, config.task_names()),
+        resume=args.resume == "auto",
+    )
+    summaries = [train_stage(config, index, run) for index in stages]
+    run.logger.close()
     if rank == 0:
-        columns = {"backbone": env["backbone_results"]} if "backbone_results" in env else {}
+        columns = {"backbone": run.backbone_results} if run.backbone_results is not None else {}
         columns.update({s["stage"]: s["dev"] for s in summaries})
         print("\nper-task dev metrics\n" + format_results(columns, delta=True))
         print(f"\nTensorBoard: tensorboard --logdir {layout.tensorboard_dir}")
     return 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> int:
+    """``main`` with the errors a person can act on (``AlterDsError``: a bad config, a stage that cannot
+    start, an unusable checkpoint) reported as one line and exit status 2 on every rank; bugs keep their
+    tracebacks."""
     try:
-        raise SystemExit(main())
-    except (TrainingError, CheckpointError, FileNotFoundError, ValueError) as error:
+        return main(argv)
+    except AlterDsError as error:
         print(f"alter-ds train: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

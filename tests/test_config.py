@@ -134,3 +134,49 @@ def test_floats_in_exponent_notation_without_a_dot_are_numbers(tmp_path, written
     assert config.stages[0].lr == value and config.stages[0].router.prior_other == -0.1
     with pytest.raises(ConfigError, match=r"stages\[0\]\.lr: expected a number, got str 'fast'"):
         load_config(write(tmp_path, with_stage_line("lr: fast")))
+
+
+SUITE = """\
+model:
+  name_or_path: some/model
+tasks:
+  suite: default
+  root: elsewhere
+  override:
+    imdb: {max_input_tokens: 64}
+    headlines: {metric: rouge_l, max_target_tokens: 8}
+"""
+
+
+def test_a_task_suite_is_named_once_and_changed_by_task_name(tmp_path):
+    from alter_ds.data.prepare import default_suite
+
+    config = load_config(write(tmp_path, SUITE))
+    suite = {task.name: task for task in default_suite("elsewhere")}
+    assert config.task_names() == list(suite)
+    changed = {"imdb": {"max_input_tokens": 64}, "headlines": {"max_target_tokens": 8}}
+    for task in config.tasks:
+        expected = suite[task.name]
+        for key, value in changed.get(task.name, {}).items():
+            assert getattr(task, key) == value != getattr(expected, key)
+            setattr(expected, key, value)
+        assert task == expected and task.source == f"elsewhere/{task.name}"
+
+
+@pytest.mark.parametrize(
+    "old, new, line, key, message",
+    [
+        ("imdb: {max", "imbd: {max", 7, "tasks.override.imbd", "no task named 'imbd'"),
+        ("suite: default", "suite: mine", 4, "tasks.suite", "unknown suite 'mine'"),
+        ("  root: elsewhere", "  roots: elsewhere", 5, "tasks.roots", "a task suite takes suite, root, override"),
+        ("max_input_tokens: 64", "max_input_tokens: -1", 7, "tasks[0].max_input_tokens", "must be >= 1"),
+    ],
+)
+def test_task_suite_mistakes_name_the_file_line_and_key(tmp_path, old, new, line, key, message):
+    path = write(tmp_path, SUITE.replace(old, new))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert key in text and message in text and str(path) in text, text
+    if caught.value.line is not None:
+        assert caught.value.line == line, text

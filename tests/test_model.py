@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import TASKS, batch_inputs, make_model, perturb_experts
+from tiny_models import tiny_backbone
 
 from alter_ds.config import AddExpertsConfig, MTAConfig, RouterConfig, StageConfig
 from alter_ds.mta import MTAModel
@@ -289,3 +290,48 @@ def test_a_stage_after_backbone_training_saves_the_trained_backbone_not_the_refe
     inputs = batch_inputs(model)
     expected = model(**inputs, task_ids=[0, 1, 2, 0]).logits
     torch.testing.assert_close(final(**inputs, task_ids=[0, 1, 2, 0]).logits, expected, rtol=0, atol=0)
+
+
+def test_the_routing_lasts_for_one_call_only(arch):
+    """Task ids are set on entry to ``forward`` and cleared on exit: a later bare backbone call fails clearly
+    instead of routing with stale ids (which ``rows`` would repeat for any multiple of the old batch)."""
+    model = make_model(arch, router=RouterConfig(kind="gate"), shared=1)
+    inputs = batch_inputs(model)
+    model(**inputs, task_ids=[0, 1, 2, 0])
+    assert model.context.task_ids is None and model.context.prompt_mask is None
+    doubled = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    for bare in (inputs, doubled):
+        with pytest.raises(RuntimeError, match="ran without task ids"):
+            model.backbone(**bare)
+    with pytest.raises(ValueError):  # an error inside the call clears the routing too
+        model(**inputs, task_ids=[0, 1, 9, 0])
+    assert model.context.task_ids is None
+
+
+@pytest.mark.parametrize("router", ["hard", "gate", "token"])
+def test_activation_checkpointing_recomputes_each_layer_with_its_forwards_routing(arch, router):
+    """Backward recomputes checkpointed layers after ``forward`` has returned and cleared the routing: the
+    recompute replays it, so the loss and every gradient equal the run without checkpointing, and routing
+    usage is counted once."""
+    reference = make_model(arch, router=RouterConfig(kind=router), shared=1)
+    checkpointed = MTAModel(tiny_backbone(arch, 0), reference.mta_config, TASKS, reference.router_config)
+    checkpointed.load_state_dict(reference.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    inputs = batch_inputs(reference)
+    task_ids = [0, 1, 2, 0]
+    results = []
+    for model in (reference, checkpointed):
+        model.train()
+        model.set_trainable(["backbone", "task_experts", "shared_experts", "router"])
+        loss = loss_of(model, inputs, task_ids)
+        loss.backward()
+        usage = {name: block.usage(reset=False) for name, block in model.blocks.items()}
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, usage))
+    (loss_a, grads_a, usage_a), (loss_b, grads_b, usage_b) = results
+    torch.testing.assert_close(loss_b, loss_a, **TOL)
+    assert grads_a.keys() == grads_b.keys() and all(g is not None for g in grads_b.values())
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], **TOL, msg=name)
+    for name in usage_a:
+        torch.testing.assert_close(usage_b[name], usage_a[name], **TOL, msg=name)

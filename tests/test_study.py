@@ -96,6 +96,25 @@ def test_study_errors_name_the_arm_and_the_problem(workspace):
         Study(write_study(workspace, baseline="nope"))
 
 
+def test_a_saved_arm_config_is_compared_by_value_with_todays_defaults(workspace):
+    """A key added since the run (saved configs lack it) with its default is no change; a value is."""
+    study = Study(write_study(workspace))
+    run = study.runs[0]
+    study._write_config(run)
+    saved = yaml.safe_load(run.config_path.read_text())
+    del saved["training"]["activation_checkpointing"]  # as written before the key existed
+    run.config_path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    study._check_unchanged(run)
+    saved["training"]["warmup_steps"] += 1
+    run.config_path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(StudyError, match="its config changed since it ran"):
+        study._check_unchanged(run)
+    saved["training"]["no_longer_a_key"] = 1
+    run.config_path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(StudyError, match="its config changed since it ran"):
+        study._check_unchanged(run)
+
+
 def _fake_record(study, run, scores_by_stage):
     stages = {
         stage: {

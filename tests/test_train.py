@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_experiment import task_specs, write_tiny_experiment
 from tiny_models import tiny_backbone, tiny_tokenizer
+from training_runs import finish, launch, losses, metrics
 
 pytest.importorskip("deepspeed")
 psutil = pytest.importorskip("psutil")
@@ -27,56 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE1_STEPS = 60
 # fp32, one thread per rank, same data order: a resumed run repeats the uninterrupted losses to rounding.
 LOSS_TOLERANCE = 1e-5
+WARMUP_STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    write_tiny_experiment(root, STAGE1_STEPS)
+    path = write_tiny_experiment(root, STAGE1_STEPS)
+    config = yaml.safe_load(path.read_text())
+    # A warmup longer than the first checkpoint: a run resumed at step 10 is mid-warmup, where a wrong rate shows.
+    config["training"].update(warmup_steps=WARMUP_STEPS, keep_checkpoints=STAGE1_STEPS // 10)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return root
-
-
-def launch(workspace, output, *extra, stage="all", ranks=2, config="cfg.yaml"):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
-    command = [
-        launcher,
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(29600 + os.getpid() % 300),
-        str(REPO / "alter_ds" / "train.py"),
-        "--config",
-        str(workspace / config),
-        "--output-dir",
-        str(output),
-        "--stage",
-        stage,
-        *extra,
-    ]
-    return subprocess.Popen(
-        command,
-        env=env,
-        cwd=workspace,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def finish(process, timeout=600):
-    out, _ = process.communicate(timeout=timeout)
-    return process.returncode, out
-
-
-def losses(run_dir, stage="stage1"):
-    """step -> loss; a resumed run appends, so the last line of a step wins."""
-    found = {}
-    for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        found[record["step"]] = record["train/loss"]
-    return found
 
 
 def assert_losses_continue(resumed, reference, resumed_from, tolerance):
@@ -220,17 +183,22 @@ def test_preemption_signal_checkpoints_exits_zero_and_resumes(workspace, full_ru
 @pytest.mark.slow
 def test_resume_a_two_rank_checkpoint_on_one_rank(workspace, full_run):
     """The whole trainable state (fp32 weights, Adam moments) is re-partitioned; accumulation doubles so each
-    optimizer step sees the same global batch, and the losses continue as in the 2-rank run."""
+    optimizer step sees the same global batch; mid-warmup, the optimizer takes the schedule's rate, not the one
+    it was built with; and the losses continue as in the 2-rank run."""
     reference = losses(full_run[0])
+    resumed_from = 10
+    assert resumed_from < WARMUP_STEPS
     output = workspace / "one-rank" / "tiny" / "stage1"
     shutil.copytree(full_run[0] / "stage1" / "checkpoints", output / "checkpoints")
-    (output / "checkpoints" / "latest").write_text("step40\n")
+    (output / "checkpoints" / "latest").write_text(f"step{resumed_from}\n")
     code, out = finish(launch(workspace, workspace / "one-rank", stage="1", ranks=1))
     assert code == 0, out[-4000:]
     assert "resuming a 2-rank checkpoint on 1 rank(s): gradient accumulation 2" in out
-    assert "resumed stage stage1 from step 40" in out
+    assert f"resumed stage stage1 from step {resumed_from}" in out
     again = losses(workspace / "one-rank" / "tiny")
-    assert_losses_continue(again, reference, 40, 1e-4)
+    assert_losses_continue(again, reference, resumed_from, 1e-4)
+    rates = {s: r for s, r in metrics(workspace / "one-rank" / "tiny", "train/lr").items() if s > resumed_from}
+    assert rates == pytest.approx({s: r for s, r in metrics(full_run[0], "train/lr").items() if s > resumed_from})
 
 
 @pytest.mark.slow
@@ -247,7 +215,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(works
     (workspace / "diverge.yaml").write_text(yaml.safe_dump(config))
     code, out = finish(launch(workspace, workspace / "nan", stage="1", config="diverge.yaml"))
     assert code == 2, out[-3000:]
-    assert "3 non-finite losses in a row" in out and "checkpointed" in out
+    assert "3 steps in a row with a non-finite loss or gradient" in out and "checkpointed" in out
     assert "Traceback" not in out  # one clear message, not a stack
     run = workspace / "nan" / "diverges"
     assert (run / "stage1" / "checkpoints" / "latest").is_file()
@@ -345,12 +313,16 @@ def test_torchrun_and_the_cli_start_the_same_trainer(workspace, entry):
             "--config",
             str(path),
         ]
-    else:
+    else:  # the run's place given on the command line, as the trainer's own options (not in the YAML)
+        elsewhere = {**config, "run_name": "other", "training": {**config["training"], "output_dir": "elsewhere"}}
+        path.write_text(yaml.safe_dump(elsewhere))
         command = [str(bin_dir / "alter-ds"), "train", str(path), "--ranks", "2"]
+        command += ["--output-dir", str(workspace / "entries"), "--run-name", config["run_name"]]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{bin_dir}:{os.environ['PATH']}")
     result = subprocess.run(command, env=env, cwd=workspace, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     run = workspace / "entries" / config["run_name"]
+    assert not (workspace / "elsewhere").exists()
     assert sorted(losses(run)) == [1, 2, 3, 4] and (run / "stage1" / "model" / "mta.safetensors").is_file()
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from alter_ds.config import TaskConfig
+from alter_ds.errors import AlterDsError
 
 SPLIT_FRACTION = 0.1  # dev and test each
 MAX_EVAL_EXAMPLES = 1000  # per split, so large corpora keep most examples for training
@@ -38,7 +39,7 @@ DEFAULT_CACHE = Path(os.environ.get("ALTER_DS_CACHE", Path.home() / ".cache" / "
 Record = dict[str, str]
 
 
-class PrepareError(RuntimeError):
+class PrepareError(AlterDsError, RuntimeError):
     """A corpus could not be fetched or read; names the package and what went wrong."""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from alter_ds.errors import UsageError
+
 STRATEGIES = ("proportional", "temperature", "uniform")
 BLOCK = 4096
 
@@ -23,7 +25,7 @@ def task_probabilities(sizes: Sequence[int], strategy: str, temperature: float =
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sampling strategy {strategy!r}; one of {STRATEGIES}")
     if not sizes or any(n <= 0 for n in sizes):
-        raise ValueError(f"every task needs at least one example, got sizes {list(sizes)}")
+        raise UsageError(f"every task needs at least one example, got sizes {list(sizes)}")
     if strategy == "uniform":
         weights = [1.0] * len(sizes)
     elif strategy == "proportional":
@@ -55,7 +57,7 @@ class MultiTaskSampler:
         seed: int = 0,
     ):
         if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+            raise UsageError(f"global_batch_size must be >= 1, got {global_batch_size}")
         self.sizes = [min(n, max_per_task) if max_per_task else n for n in sizes]
         self.full_sizes = list(sizes)
         self.probabilities = task_probabilities(self.sizes, strategy, temperature)
@@ -112,7 +114,7 @@ class MultiTaskSampler:
     def shard(batch: list[tuple[int, int]], rank: int, world_size: int) -> list[tuple[int, int]]:
         """This rank's contiguous slice of a global batch (the global batch size is a multiple of world_size)."""
         if len(batch) % world_size:
-            raise ValueError(f"a global batch of {len(batch)} does not split over {world_size} ranks")
+            raise UsageError(f"a global batch of {len(batch)} does not split over {world_size} ranks")
         per_rank = len(batch) // world_size
         return batch[rank * per_rank : (rank + 1) * per_rank]
 
@@ -130,8 +132,8 @@ class MultiTaskSampler:
         """Continue exactly where a saved sampler stopped; refuses a state from a different task mix."""
         for key in ("sizes", "seed", "mixed_batches"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state is from another run: {key} {state[key]} != {getattr(self, key)}")
+                raise UsageError(f"sampler state is from another run: {key} {state[key]} != {getattr(self, key)}")
         if any(abs(a - b) > 1e-12 for a, b in zip(state["probabilities"], self.probabilities)):
-            raise ValueError("sampler state is from another run: task probabilities differ")
+            raise UsageError("sampler state is from another run: task probabilities differ")
         self.position = int(state["position"])
         self.cursors = [int(c) for c in state["cursors"]]

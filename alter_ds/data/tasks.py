@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alter_ds.config import SPLITS, TaskConfig
+from alter_ds.errors import AlterDsError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ _BUILDERS: dict[str, Builder] = {}
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
-class DataError(ValueError):
+class DataError(AlterDsError, ValueError):
     """A data problem, naming the task and, where there is one, the file and line."""
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from alter_ds.config import ModelConfig
+from alter_ds.errors import MissingFileError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +38,7 @@ def load_backbone(config: ModelConfig) -> nn.Module:
     try:
         hf_config = AutoConfig.from_pretrained(config.name_or_path, **options)
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.name_or_path {config.name_or_path!r}: cannot load its config ({error}). "
             f"Give a local directory or a model id reachable from this machine."
         ) from None

@@ -8,7 +8,11 @@ changing the backbone's code or its ``forward`` signature.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +34,7 @@ class RoutingContext:
     generating: bool = False
     prompt_features: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, cached in generate
     step: int = 0
+    replaying: bool = False  # an activation-checkpointing recompute: the routing is the forward's, not recorded
 
     def reset(self, task_ids: torch.Tensor | None, prompt_mask: torch.Tensor | None, generating: bool) -> None:
         self.task_ids = task_ids
@@ -38,6 +43,53 @@ class RoutingContext:
         self.encoder_features = None
         self.generating = generating
         self.prompt_features = {}
+
+    def snapshot(self) -> RoutingContext:
+        """The state of one call, to replay it later (dicts copied: later calls must not change it)."""
+        return replace(self, attention_masks=dict(self.attention_masks), prompt_features=dict(self.prompt_features))
+
+    @contextlib.contextmanager
+    def replay(self, saved: RoutingContext) -> Iterator[None]:
+        """Run with a saved call's state (task ids, masks, features), then put back what was there."""
+        current = self.snapshot()
+        self._load(saved)
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self._load(current)
+
+    def _load(self, other: RoutingContext) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(other, item.name))
+
+    def checkpointing(self, checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap an activation-checkpointing function so that the recompute in backward routes like the forward.
+
+        The routing state is scoped to ``MTAModel.forward`` and cleared when it returns, but checkpointed layers
+        run again during backward: the wrapper saves the state when the layer first runs and replays it for
+        the recompute, so every example keeps its task's experts and no usage is counted twice.
+        """
+        if getattr(checkpoint, "routes_mta", False):
+            return checkpoint
+
+        @functools.wraps(checkpoint)
+        def routed_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            saved = self.snapshot()
+            calls = 0
+
+            def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    return function(*inner_args, **inner_kwargs)
+                with self.replay(saved):
+                    return function(*inner_args, **inner_kwargs)
+
+            return checkpoint(run, *args, **kwargs)
+
+        routed_checkpoint.routes_mta = True  # type: ignore[attr-defined]
+        return routed_checkpoint
 
     def rows(self, tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
         """Expand per-example data to ``batch`` rows: generate repeats each example for beams/samples."""
@@ -134,7 +186,7 @@ class MTABlock(nn.Module):
         task_ids = context.rows(context.task_ids, batch, "task_ids")
         features = self.prompt_features(hidden) if self.router.needs_features else None
         expert_ids, expert_weights = self.router(hidden, task_ids, features, context.step)
-        if self.record_usage:
+        if self.record_usage and not context.replaying:
             self._record(task_ids, expert_ids, expert_weights)
         return expert_ids, expert_weights
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from alter_ds.config import MTAConfig, RouterConfig
+from alter_ds.errors import AlterDsError
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
 from alter_ds.mta.experts import ExpertBank, FeedForwardWeights
 from alter_ds.mta.routers import ExpertLayout
@@ -44,7 +45,7 @@ ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "o", "c_proj", "dense", "out")
 ACTIVATION_ATTRS = ("act_fn", "act", "activation_fn", "activation")
 
 
-class InjectionError(ValueError):
+class InjectionError(AlterDsError, ValueError):
     """The model's structure does not follow a pattern inject_mta knows; names what was not found."""
 
 

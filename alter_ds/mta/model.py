@@ -33,6 +33,7 @@ from alter_ds.config import (
     TaskConfig,
     config_from_dict,
 )
+from alter_ds.errors import MissingFileError, UsageError
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
 from alter_ds.mta.experts import ExpertBank, FeedForwardWeights, stacked_weights
 from alter_ds.mta.inject import inject_mta
@@ -55,7 +56,7 @@ def build_layout(config: MTAConfig, tasks: Sequence[TaskConfig]) -> ExpertLayout
         experts = config.task_experts.get(task.name, [index % num_task_experts])
         for expert in experts:
             if not 0 <= expert < num_task_experts:
-                raise ValueError(f"task {task.name!r} is assigned expert {expert}; the bank has {num_task_experts}")
+                raise UsageError(f"task {task.name!r} is assigned expert {expert}; the bank has {num_task_experts}")
         assigned.append(list(experts))
     return ExpertLayout(len(tasks), num_task_experts, config.num_shared_experts, assigned)
 
@@ -114,10 +115,10 @@ class MTAModel(nn.Module):
     def task_id(self, task: str | int) -> int:
         if isinstance(task, str):
             if task not in self.task_names:
-                raise ValueError(f"unknown task {task!r}; the model's tasks are {self.task_names}")
+                raise UsageError(f"unknown task {task!r}; the model's tasks are {self.task_names}")
             return self.task_names.index(task)
         if not 0 <= int(task) < len(self.tasks):
-            raise ValueError(f"task id {task} out of range: the model has {len(self.tasks)} tasks {self.task_names}")
+            raise UsageError(f"task id {task} out of range: the model has {len(self.tasks)} tasks {self.task_names}")
         return int(task)
 
     def resolve_task_ids(self, task_ids: Any, batch: int | None, device: torch.device) -> torch.Tensor:
@@ -156,17 +157,38 @@ class MTAModel(nn.Module):
         """The backbone's forward with each example routed by its task.
 
         ``prompt_mask [B, T]`` marks the prompt tokens of a decoder-only batch (gates pool over them only, as
-        in ``generate``); without it the attention mask is used.
+        in ``generate``); without it the attention mask is used. The routing lasts for this call only (a later
+        bare backbone call gets a clear error, not this batch's task ids); layers under activation checkpointing
+        replay it when backward recomputes them.
         """
-        ids = self.resolve_task_ids(task_ids, self._batch_size(args, kwargs), self._device())
-        self.context.reset(ids, prompt_mask, generating=False)
-        encoder_outputs = kwargs.get("encoder_outputs")
-        if self.is_encoder_decoder and encoder_outputs is not None:
-            hidden = (
-                encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
-            )
-            self.context.encoder_features = pool_prompt(hidden, kwargs.get("attention_mask"))
-        return self.backbone(*args, **kwargs)
+        with self.routed(task_ids, self._batch_size(args, kwargs), prompt_mask):
+            encoder_outputs = kwargs.get("encoder_outputs")
+            if self.is_encoder_decoder and encoder_outputs is not None:
+                hidden = (
+                    encoder_outputs[0]
+                    if isinstance(encoder_outputs, (tuple, list))
+                    else encoder_outputs.last_hidden_state
+                )
+                self.context.encoder_features = pool_prompt(hidden, kwargs.get("attention_mask"))
+            return self.backbone(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, **checkpoint_kwargs: Any) -> None:
+        """Recompute the backbone's layers in backward instead of keeping their activations (HF's activation
+        checkpointing, non-reentrant unless told otherwise), with the routing of each forward replayed."""
+        backbone = typing.cast(Any, self.backbone)
+        checkpoint_kwargs = {"use_reentrant": False, **checkpoint_kwargs}
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        wrapped = 0
+        for module in backbone.modules():
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if function is not None:
+                module._gradient_checkpointing_func = self.context.checkpointing(function)
+                wrapped += 1
+        if not wrapped:
+            raise UsageError(f"{type(backbone).__name__} does not support activation checkpointing")
 
     @torch.no_grad()
     def generate(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
@@ -226,7 +248,7 @@ class MTAModel(nn.Module):
             parameter.requires_grad_(bool(hits))
         for entry, hit in matched.items():
             if not hit and entry not in PARAMETER_GROUPS:
-                raise ValueError(
+                raise UsageError(
                     f"train entry {entry!r} matches no parameter group ({', '.join(PARAMETER_GROUPS)}) "
                     f"and no parameter name"
                 )
@@ -284,7 +306,7 @@ class MTAModel(nn.Module):
     ) -> int:
         """Add a task with its own new task expert in every block; returns its id."""
         if name in self.task_names:
-            raise ValueError(f"task {name!r} already exists")
+            raise UsageError(f"task {name!r} already exists")
         new_expert = self.layout.num_task_experts
         self.tasks.append(TaskConfig(name, category))
         self.task_names.append(name)  # shared list: blocks and routers see it
@@ -468,10 +490,10 @@ class MTAModel(nn.Module):
         root = Path(directory)
         for required in (CONFIG_FILE, TASKS_FILE, WEIGHTS_FILE):
             if not (root / required).is_file():
-                raise FileNotFoundError(f"{root} is not an alter-ds model: {required} is missing")
+                raise MissingFileError(f"{root} is not an alter-ds model: {required} is missing")
         metadata = json.loads((root / CONFIG_FILE).read_text())
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{root / CONFIG_FILE}: unsupported format_version {metadata.get('format_version')}")
+            raise UsageError(f"{root / CONFIG_FILE}: unsupported format_version {metadata.get('format_version')}")
         tasks_data = json.loads((root / TASKS_FILE).read_text())
         tasks = [TaskConfig(t["name"], t.get("category", "default")) for t in sorted(tasks_data, key=lambda t: t["id"])]
         mta_config = config_from_dict(MTAConfig, metadata["mta"], str(root / CONFIG_FILE))
@@ -484,7 +506,7 @@ class MTAModel(nn.Module):
             elif metadata.get("backbone"):
                 backbone = load_backbone(config_from_dict(ModelConfig, metadata["backbone"]))
             else:
-                raise FileNotFoundError(f"{root}: the backbone was neither saved nor referenced; pass backbone=")
+                raise MissingFileError(f"{root}: the backbone was neither saved nor referenced; pass backbone=")
         # weights saved with the artefact are the backbone now: the original reference no longer describes it,
         # so a later save (e.g. of a stage that starts here) must write the weights again, not the reference
         reference = None if backbone_saved else metadata.get("backbone")
@@ -500,7 +522,7 @@ class MTAModel(nn.Module):
             expected = model.backbone_state_dict()
             if set(saved) != set(expected):
                 missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-                raise ValueError(
+                raise UsageError(
                     f"{root}: backbone weights do not match the model "
                     f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
                 )
@@ -544,11 +566,11 @@ class MTAModel(nn.Module):
             own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             missing, unexpected = block.load_state_dict(own, strict=False)
             if missing or unexpected:
-                raise ValueError(f"MTA weights for block {block_name}: missing {missing}, unexpected {unexpected}")
+                raise UsageError(f"MTA weights for block {block_name}: missing {missing}, unexpected {unexpected}")
         known = tuple(f"{name}." for name in self.blocks)
         stray = [k for k in state if not k.startswith(known)]
         if stray:
-            raise ValueError(f"MTA weights for blocks this model does not have: {stray[:5]}")
+            raise UsageError(f"MTA weights for blocks this model does not have: {stray[:5]}")
 
 
 def _concat_banks(banks: list[ExpertBank]) -> ExpertBank:
@@ -571,19 +593,19 @@ def _init_new_experts(block: MTABlock, bank: ExpertBank, new: slice, init: str, 
     elif init == "pretrained":
         source = block.task_experts.pretrained()
         if source is None:
-            raise ValueError("init: pretrained copies the layer's pretrained FFN and needs expert_kind: ffn")
+            raise UsageError("init: pretrained copies the layer's pretrained FFN and needs expert_kind: ffn")
         bank.init_from_feed_forward(source, new)
     elif init == "expert":
         banks = [block.task_experts] + ([block.shared_experts] if block.shared_experts is not None else [])
         combined = _concat_banks(banks)
         if source_expert is None or not 0 <= source_expert < combined.num_experts:
-            raise ValueError(f"init: expert needs source_expert in [0, {combined.num_experts}), got {source_expert}")
+            raise UsageError(f"init: expert needs source_expert in [0, {combined.num_experts}), got {source_expert}")
         with torch.no_grad():
             for target, origin in zip(bank.weights(), combined.weights()):
                 if target is not None and origin is not None:
                     target[new].copy_(origin[source_expert])
     else:
-        raise ValueError(f"unknown expert init {init!r} (zeros, pretrained, expert)")
+        raise UsageError(f"unknown expert init {init!r} (zeros, pretrained, expert)")
 
 
 def _write_artifact(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alter_ds.config import RouterConfig
+from alter_ds.errors import UsageError
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ExpertLayout:
         if not self.task_experts:
             self.task_experts = [[t % self.num_task_experts] for t in range(self.num_tasks)]
         if len(self.task_experts) != self.num_tasks:
-            raise ValueError(f"task_experts lists {len(self.task_experts)} tasks, layout has {self.num_tasks}")
+            raise UsageError(f"task_experts lists {len(self.task_experts)} tasks, layout has {self.num_tasks}")
 
     @property
     def num_experts(self) -> int:
@@ -182,7 +183,7 @@ class FixedRouter(TaskLevelRouter):
             experts = experts if experts is not None else list(layout.task_experts[task])
             for expert in experts:
                 if expert >= layout.num_experts:
-                    raise ValueError(
+                    raise UsageError(
                         f"fixed route of task {task} names expert {expert}; the bank has {layout.num_experts}"
                     )
             rows[task, experts] = 1.0 / len(experts)
@@ -276,7 +277,7 @@ class GateRouter(Router):
     def __init__(self, config: RouterConfig, layout: ExpertLayout, width: int):
         super().__init__(config, layout, width)
         if layout.num_shared_experts < 1:
-            raise ValueError(
+            raise UsageError(
                 "router kind 'gate' mixes the task mixture with shared experts: add at least one shared expert"
             )
         self.task_logits = nn.Parameter(prior_logits(config, layout, layout.num_task_experts))
@@ -354,7 +355,7 @@ def build_router(config: RouterConfig, layout: ExpertLayout, width: int, task_na
     if config.kind == "fixed":
         for name in config.routes:
             if name not in task_names:
-                raise ValueError(f"fixed route for unknown task {name!r}; tasks are {task_names}")
+                raise UsageError(f"fixed route for unknown task {name!r}; tasks are {task_names}")
         return FixedRouter(config, layout, width, task_names)
     return ROUTERS[config.kind](config, layout, width)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from alter_ds.errors import AlterDsError
+
 CSRC = Path(__file__).resolve().parents[1] / "_csrc"  # a link to the repository's csrc/, packaged in wheels
 CPP_SOURCES = [CSRC / "grouped_adapter.cpp"]
 CUDA_SOURCES = [CSRC / "cuda" / "grouped_adapter.cu"]
@@ -35,7 +37,7 @@ CUDA_KERNELS_VERIFIED = False
 _loaded: dict[str, bool] = {}  # "cpu" / "cuda" -> built and loaded in this process (absent: not tried yet)
 
 
-class ExtensionBuildError(RuntimeError):
+class ExtensionBuildError(AlterDsError, RuntimeError):
     """The extension could not be compiled or loaded; the message says why and what to do."""
 
 
