@@ -175,3 +175,15 @@ def stacked_weights(
     w_down = torch.cat([b.w_down for b in banks], dim=0)
     w_up = torch.cat([b.w_up for b in banks], dim=0)
     return w_down, cat([b.b_down for b in banks]), w_up, cat([b.b_up for b in banks])
+
+
+def concat_banks(banks: list[ExpertBank]) -> ExpertBank:
+    """One bank holding the experts of ``banks`` in order (task experts, then shared ones), as a copy."""
+    if len(banks) == 1:
+        return banks[0]
+    combined = banks[0].resized(sum(b.num_experts for b in banks))
+    with torch.no_grad():
+        for target, source in zip(combined.weights(), stacked_weights(banks)):
+            if target is not None and source is not None:
+                target.copy_(source)
+    return combined

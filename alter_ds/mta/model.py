@@ -3,7 +3,7 @@
 The wrapper owns the routing context that every block reads: ``forward(..., task_ids, prompt_mask)`` and
 ``generate(..., task_ids)`` set it, so the backbone's own ``forward`` and ``generate`` run unchanged (greedy,
 beam search, KV cache, mixed-task batches). Stages change the model only through ``apply_stage``: add experts,
-switch the router, choose what trains.
+switch the router, choose what trains (``stages.py``); the artefact it saves and loads is ``artifact.py``.
 """
 
 from __future__ import annotations
@@ -11,41 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import json
 import os
-import shutil
-import tempfile
 import typing
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alter_ds.config import (
-    PARAMETER_GROUPS,
-    ExperimentConfig,
-    MTAConfig,
-    RouterConfig,
-    StageConfig,
-    TaskConfig,
-    config_from_dict,
-)
-from alter_ds.errors import MissingFileError, UsageError
+from alter_ds.config import PARAMETER_GROUPS, ExperimentConfig, MTAConfig, RouterConfig, StageConfig, TaskConfig
+from alter_ds.errors import UsageError
+from alter_ds.mta import artifact, stages
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
-from alter_ds.mta.experts import ExpertBank, FeedForwardWeights, stacked_weights
 from alter_ds.mta.inject import inject_mta
-from alter_ds.mta.routers import ExpertLayout, GateRouter, TaskLevelRouter, TokenRouter, frozen_config
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "mta_config.json"
-TASKS_FILE = "tasks.json"
-WEIGHTS_FILE = "mta.safetensors"
-BACKBONE_DIR = "backbone"
-#: saved with a backbone: the FFN each ffn bank was copied from (replace_ffn removes it from the backbone)
-PRETRAINED_FFN_PREFIX = "mta_pretrained_ffn."
+from alter_ds.mta.routers import ExpertLayout
 
 
 def build_layout(config: MTAConfig, tasks: Sequence[TaskConfig]) -> ExpertLayout:
@@ -273,129 +252,45 @@ class MTAModel(nn.Module):
         lines.append(f"{'all':<16}{trainable_all:>14,}{total:>14,}{100 * trainable_all / max(total, 1):>11.3f}%")
         return "\n".join(lines)
 
-    # -------------------------------------------------------------------------------- structure
+    # ---------------------------------------------------------------------- structure (stages.py)
     def set_router(self, config: RouterConfig) -> None:
         """Give every block a router of this config (learned state carried over where names match)."""
-        for block in self.blocks.values():
-            block.set_router(config, self.layout)
-        self.router_config = config
+        stages.set_router(self, config)
 
     def add_shared_experts(self, count: int, init: str = "zeros", source_expert: int | None = None) -> None:
-        """Add ``count`` shared experts to every block, initialised as asked (see ``_init_new_experts``)."""
-        if count <= 0:
-            return
-        old = self.layout.num_shared_experts
-        self.layout = dataclasses.replace(self.layout, num_shared_experts=old + count)
-        for block in self.blocks.values():
-            if block.shared_experts is None:
-                bank = block.task_experts.resized(count)
-                for tensor in bank.weights():
-                    if tensor is not None:
-                        tensor.requires_grad_(True)
-                block.shared_experts = bank
-                new = slice(0, count)
-            else:
-                block.shared_experts = block.shared_experts.resized(old + count)
-                new = slice(old, old + count)
-            _init_new_experts(block, block.shared_experts, new, init, source_expert)
-            block.layout = self.layout
-        self.set_router(self.router_config)
+        """Add ``count`` shared experts to every block (init: zeros, pretrained or expert)."""
+        stages.add_shared_experts(self, count, init, source_expert)
 
     def add_task(
         self, name: str, category: str = "default", init: str = "zeros", source_expert: int | None = None
     ) -> int:
         """Add a task with its own new task expert in every block; returns its id."""
-        if name in self.task_names:
-            raise UsageError(f"task {name!r} already exists")
-        new_expert = self.layout.num_task_experts
-        self.tasks.append(TaskConfig(name, category))
-        self.task_names.append(name)  # shared list: blocks and routers see it
-        self.layout = ExpertLayout(
-            self.layout.num_tasks + 1,
-            new_expert + 1,
-            self.layout.num_shared_experts,
-            [*self.layout.task_experts, [new_expert]],
-        )
-        for block in self.blocks.values():
-            block.task_experts = block.task_experts.resized(new_expert + 1)
-            _init_new_experts(block, block.task_experts, slice(new_expert, new_expert + 1), init, source_expert)
-            block.layout = self.layout
-        self.set_router(self.router_config)
-        return len(self.tasks) - 1
+        return stages.add_task(self, name, category, init, source_expert)
 
     def apply_stage(self, stage: StageConfig) -> dict[str, tuple[int, int]]:
         """Make the model what ``stage`` trains: add its experts, set its router, choose its trainable set."""
-        add = stage.add_experts
-        self.add_shared_experts(add.shared, add.init, add.source_expert)
-        self.set_router(stage.router)
-        return self.set_trainable(stage.train)
+        return stages.apply_stage(self, stage)
 
     def task_mixtures(self) -> dict[str, torch.Tensor | None]:
         """Each block's ``[tasks, experts]`` mixture at evaluation (None for input-dependent routers)."""
         return {name: block.router.task_mixture(self.context.step) for name, block in self.blocks.items()}
 
-    # -------------------------------------------------------------------------------- artefact
+    # ---------------------------------------------------------------------- artefact (artifact.py)
     def mta_state_dict(self) -> dict[str, torch.Tensor]:
         """Every MTA tensor (experts, routers, their persistent buffers), keyed ``<block>.<name>``."""
-        state: dict[str, torch.Tensor] = {}
-        for block_name, block in self.blocks.items():
-            for key, tensor in block.state_dict().items():
-                state[f"{block_name}.{key}"] = tensor.detach().contiguous().clone()
-        return state
+        return artifact.mta_state_dict(self)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone's own tensors (MTA tensors excluded), keyed as in the injected backbone."""
-        mta_ids = {id(t) for block in self.blocks.values() for t in block.state_dict(keep_vars=True).values()}
-        return {
-            name: tensor.detach().contiguous().clone()
-            for name, tensor in self.backbone.state_dict(keep_vars=True).items()
-            if id(tensor) not in mta_ids
-        }
+        return artifact.backbone_state_dict(self)
 
-    def _metadata(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "architecture": type(self.backbone).__name__,
-            "backbone": self.backbone_reference,
-            "mta": dataclasses.asdict(self.mta_config),
-            "router": dataclasses.asdict(self.router_config),
-            "layout": dataclasses.asdict(self.layout),
-            "step": self.context.step,
-        }
-
-    def _backbone_needs_saving(self, save_backbone: bool | None) -> bool:
-        if save_backbone is not None:
-            return save_backbone
-        trained = any(p.requires_grad for g, _, p in self.named_parameter_groups() if g == "backbone")
-        return trained or not self.backbone_reference
+    def load_mta_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load ``mta_state_dict`` output strictly: every block must get exactly its tensors."""
+        artifact.load_mta_state_dict(self, state)
 
     def save_pretrained(self, directory: str | os.PathLike[str], save_backbone: bool | None = None) -> None:
-        """Write the artefact: config, task table, MTA weights, and the backbone by reference or by value.
-
-        The backbone's weights are written when a stage trained them or when it has no loadable reference
-        (e.g. a model built from a config); ``save_backbone`` forces either way.
-        """
-        tasks = [{"name": t.name, "id": i, "category": t.category} for i, t in enumerate(self.tasks)]
-        backbone = self._saved_backbone() if self._backbone_needs_saving(save_backbone) else None
-        _write_artifact(Path(directory), self._metadata(), tasks, self.mta_state_dict(), backbone, self.backbone)
-
-    def _saved_backbone(self) -> dict[str, torch.Tensor]:
-        """The backbone's tensors plus the pretrained FFNs the ffn banks were copied from: ``replace_ffn``
-        removed those from the backbone, and experts added later with ``init: pretrained`` need them."""
-        state = self.backbone_state_dict()
-        for name, block in self.blocks.items():
-            source = block.task_experts.pretrained()
-            if source is None:
-                continue
-            for key, tensor in (
-                ("w_in", source.w_in),
-                ("b_in", source.b_in),
-                ("w_out", source.w_out),
-                ("b_out", source.b_out),
-            ):
-                if tensor is not None:
-                    state[f"{PRETRAINED_FFN_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
-        return state
+        """Write the artefact (``artifact.save_pretrained``); the backbone by value when a stage trained it."""
+        artifact.save_pretrained(self, directory, save_backbone)
 
     def export_task(
         self,
@@ -405,237 +300,12 @@ class MTAModel(nn.Module):
         check_inputs: dict[str, torch.Tensor] | None = None,
         tolerance: float = 1e-4,
     ) -> None:
-        """Write a single-task model: the task's routes frozen in, experts it never uses dropped.
-
-        Task-level routers become a ``fixed`` router over the experts with non-zero weight; a gate keeps its
-        network and the task's selector row; a token router keeps all experts and the task's embedding.
-        Loading the export gives outputs equal to this model's on that task (tested); with ``check_inputs``
-        (a batch of model inputs) the export is loaded and compared on it, and a mismatch beyond
-        ``tolerance`` (max absolute logit difference) raises.
-        """
-        task_index = self.task_id(task)
-        step = self.context.step
-        state: dict[str, torch.Tensor] = {}
-        router_config = self.router_config
-        block_layouts: dict[str, dict[str, Any]] = {}
-        for block_name, block in self.blocks.items():
-            router = block.router
-            banks = [block.task_experts] + ([block.shared_experts] if block.shared_experts is not None else [])
-            combined = _concat_banks(banks)
-            if isinstance(router, TaskLevelRouter):
-                row = router.task_mixture(step)[task_index]
-                kept = [int(i) for i in torch.nonzero(row).flatten()]
-                router_state = router.export_as_fixed(task_index, kept, step)
-                router_config = RouterConfig(kind="fixed", routes={self.task_names[task_index]: [0]})
-                layout = ExpertLayout(1, len(kept), 0, [list(range(len(kept)))])
-                exported_banks = {"task_experts": combined.selected(kept)}
-            elif isinstance(router, (GateRouter, TokenRouter)):
-                router_state = router.exported_state(task_index, [])
-                router_config = frozen_config(router.config, step)
-                layout = ExpertLayout(
-                    1,
-                    self.layout.num_task_experts,
-                    self.layout.num_shared_experts,
-                    [self.layout.task_experts[task_index]],
-                )
-                exported_banks = {"task_experts": block.task_experts}
-                if block.shared_experts is not None:
-                    exported_banks["shared_experts"] = block.shared_experts
-            else:
-                raise TypeError(f"cannot export router {type(router).__name__}")
-            block_layouts[block_name] = dataclasses.asdict(layout)
-            for bank_name, bank in exported_banks.items():
-                for key, tensor in bank.state_dict().items():
-                    state[f"{block_name}.{bank_name}.{key}"] = tensor.detach().contiguous().clone()
-            for key, tensor in router_state.items():
-                state[f"{block_name}.router.{key}"] = tensor.detach().contiguous().clone()
-        metadata = self._metadata()
-        metadata["router"] = dataclasses.asdict(router_config)
-        metadata["layout"] = next(iter(block_layouts.values()), dataclasses.asdict(ExpertLayout(1, 1, 0)))
-        metadata["block_layouts"] = block_layouts
-        metadata["exported_from_task"] = self.task_names[task_index]
-        info = self.tasks[task_index]
-        tasks = [{"name": info.name, "id": 0, "category": info.category}]
-        backbone = self._saved_backbone() if self._backbone_needs_saving(save_backbone) else None
-        _write_artifact(Path(directory), metadata, tasks, state, backbone, self.backbone)
-        if check_inputs is not None:
-            self._check_export(Path(directory), task_index, check_inputs, tolerance)
-
-    @torch.no_grad()
-    def _check_export(self, directory: Path, task: int, inputs: dict[str, torch.Tensor], tolerance: float) -> None:
-        batch = self._batch_size((), inputs) or 1
-        was_training = self.training
-        self.eval()
-        try:
-            expected = self(**inputs, task_ids=[task] * batch).logits
-            exported = MTAModel.from_pretrained(directory, map_location=str(expected.device)).to(expected.device).eval()
-            got = exported(**inputs, task_ids=[0] * batch).logits
-        finally:
-            self.train(was_training)
-        difference = float((got.float() - expected.float()).abs().max())
-        if difference > tolerance:
-            raise ValueError(
-                f"export of task {self.task_names[task]!r} to {directory} differs from the full model by "
-                f"{difference:.3g} (tolerance {tolerance:.3g})"
-            )
+        """Write a single-task model with the task's routes frozen in (``artifact.export_task``)."""
+        artifact.export_task(self, directory, task, save_backbone, check_inputs, tolerance)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], backbone: nn.Module | None = None, map_location: str = "cpu"
     ) -> MTAModel:
         """Restore a saved (or exported) model exactly: backbone, experts, routers, task table, step."""
-        from alter_ds.config import ModelConfig
-        from alter_ds.mta.backbone import backbone_from_config_dir, load_backbone
-
-        root = Path(directory)
-        for required in (CONFIG_FILE, TASKS_FILE, WEIGHTS_FILE):
-            if not (root / required).is_file():
-                raise MissingFileError(f"{root} is not an alter-ds model: {required} is missing")
-        metadata = json.loads((root / CONFIG_FILE).read_text())
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise UsageError(f"{root / CONFIG_FILE}: unsupported format_version {metadata.get('format_version')}")
-        tasks_data = json.loads((root / TASKS_FILE).read_text())
-        tasks = [TaskConfig(t["name"], t.get("category", "default")) for t in sorted(tasks_data, key=lambda t: t["id"])]
-        mta_config = config_from_dict(MTAConfig, metadata["mta"], str(root / CONFIG_FILE))
-        router = config_from_dict(RouterConfig, metadata["router"], str(root / CONFIG_FILE))
-        layout = ExpertLayout(**metadata["layout"])
-        backbone_saved = (root / BACKBONE_DIR / "model.safetensors").is_file()
-        if backbone is None:
-            if backbone_saved:
-                backbone = backbone_from_config_dir(str(root / BACKBONE_DIR))
-            elif metadata.get("backbone"):
-                backbone = load_backbone(config_from_dict(ModelConfig, metadata["backbone"]))
-            else:
-                raise MissingFileError(f"{root}: the backbone was neither saved nor referenced; pass backbone=")
-        # weights saved with the artefact are the backbone now: the original reference no longer describes it,
-        # so a later save (e.g. of a stage that starts here) must write the weights again, not the reference
-        reference = None if backbone_saved else metadata.get("backbone")
-        model = cls(backbone, mta_config, tasks, router, layout, reference)
-        if backbone_saved:
-            saved = load_file(str(root / BACKBONE_DIR / "model.safetensors"), device=map_location)
-            pretrained = {
-                k[len(PRETRAINED_FFN_PREFIX) :]: saved.pop(k)
-                for k in list(saved)
-                if k.startswith(PRETRAINED_FFN_PREFIX)
-            }
-            model._restore_pretrained_ffn(pretrained)
-            expected = model.backbone_state_dict()
-            if set(saved) != set(expected):
-                missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-                raise UsageError(
-                    f"{root}: backbone weights do not match the model "
-                    f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-                )
-            model.backbone.load_state_dict(saved, strict=False)
-        weights = load_file(str(root / WEIGHTS_FILE), device=map_location)
-        for block_name, block_layout in metadata.get("block_layouts", {}).items():
-            model._reshape_block(block_name, ExpertLayout(**block_layout), router, weights)
-        model.load_mta_state_dict(weights)
-        model.set_step(metadata.get("step", 0))
-        return model
-
-    def _restore_pretrained_ffn(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, block in self.blocks.items():
-            if f"{name}.w_in" in tensors:
-                block.task_experts.remember_pretrained(
-                    FeedForwardWeights(
-                        tensors[f"{name}.w_in"],
-                        tensors.get(f"{name}.b_in"),
-                        tensors[f"{name}.w_out"],
-                        tensors.get(f"{name}.b_out"),
-                        block.task_experts.activation,
-                    )
-                )
-
-    def _reshape_block(
-        self, name: str, layout: ExpertLayout, router: RouterConfig, weights: dict[str, torch.Tensor]
-    ) -> None:
-        """Give one block the expert counts an export saved for it (they may differ from layer to layer)."""
-        block = self.blocks[name]
-        block.task_experts = block.task_experts.resized(layout.num_task_experts)
-        if layout.num_shared_experts == 0:
-            block.shared_experts = None
-        elif block.shared_experts is not None:
-            block.shared_experts = block.shared_experts.resized(layout.num_shared_experts)
-        block.set_router(router, layout)
-
-    def load_mta_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load ``mta_state_dict`` output strictly: every block must get exactly its tensors."""
-        for block_name, block in self.blocks.items():
-            prefix = f"{block_name}."
-            own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            missing, unexpected = block.load_state_dict(own, strict=False)
-            if missing or unexpected:
-                raise UsageError(f"MTA weights for block {block_name}: missing {missing}, unexpected {unexpected}")
-        known = tuple(f"{name}." for name in self.blocks)
-        stray = [k for k in state if not k.startswith(known)]
-        if stray:
-            raise UsageError(f"MTA weights for blocks this model does not have: {stray[:5]}")
-
-
-def _concat_banks(banks: list[ExpertBank]) -> ExpertBank:
-    """One bank holding the experts of ``banks`` in order (task experts, then shared ones), as a copy."""
-    if len(banks) == 1:
-        return banks[0]
-    combined = banks[0].resized(sum(b.num_experts for b in banks))
-    with torch.no_grad():
-        for target, source in zip(combined.weights(), stacked_weights(banks)):
-            if target is not None and source is not None:
-                target.copy_(source)
-    return combined
-
-
-def _init_new_experts(block: MTABlock, bank: ExpertBank, new: slice, init: str, source_expert: int | None) -> None:
-    """zeros: output starts at exactly zero (up projection zero, down projection random, so it can learn);
-    pretrained: a copy of the layer's pretrained FFN (ffn experts); expert: a copy of expert ``source_expert``."""
-    if init == "zeros":
-        bank.init_bottleneck(new)
-    elif init == "pretrained":
-        source = block.task_experts.pretrained()
-        if source is None:
-            raise UsageError("init: pretrained copies the layer's pretrained FFN and needs expert_kind: ffn")
-        bank.init_from_feed_forward(source, new)
-    elif init == "expert":
-        banks = [block.task_experts] + ([block.shared_experts] if block.shared_experts is not None else [])
-        combined = _concat_banks(banks)
-        if source_expert is None or not 0 <= source_expert < combined.num_experts:
-            raise UsageError(f"init: expert needs source_expert in [0, {combined.num_experts}), got {source_expert}")
-        with torch.no_grad():
-            for target, origin in zip(bank.weights(), combined.weights()):
-                if target is not None and origin is not None:
-                    target[new].copy_(origin[source_expert])
-    else:
-        raise UsageError(f"unknown expert init {init!r} (zeros, pretrained, expert)")
-
-
-def _write_artifact(
-    root: Path,
-    metadata: dict[str, Any],
-    tasks: list[dict[str, Any]],
-    mta_state: dict[str, torch.Tensor],
-    backbone_state: dict[str, torch.Tensor] | None,
-    backbone: nn.Module,
-) -> None:
-    """Write into a temporary sibling directory and rename it into place: never a half-written model."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        metadata = dict(metadata, backbone_saved=backbone_state is not None)
-        (staging / CONFIG_FILE).write_text(json.dumps(metadata, indent=2))
-        (staging / TASKS_FILE).write_text(json.dumps(tasks, indent=2))
-        save_file(mta_state, str(staging / WEIGHTS_FILE))
-        if backbone_state is not None:
-            (staging / BACKBONE_DIR).mkdir()
-            typing.cast(Any, backbone).config.save_pretrained(str(staging / BACKBONE_DIR))
-            save_file(backbone_state, str(staging / BACKBONE_DIR / "model.safetensors"))
-        if root.exists():
-            retired = root.with_name(f".{root.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            root.rename(retired)
-            staging.rename(root)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        return artifact.load_model(cls, directory, backbone, map_location)
