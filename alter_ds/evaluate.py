@@ -20,6 +20,7 @@ from alter_ds.data.collate import (
     TokenizedExample,
     encode_prompt,
     encode_target,
+    pad_rows,
     token_losses,
     tokenize_example,
 )
@@ -148,11 +149,6 @@ def label_scores_shared_prompt(
     return scores
 
 
-def _padded(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
-
-
 def _mean_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum over the masked target tokens of log p(target), per row; ``logits [R, T, V]``, ``targets [R, T]``."""
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -163,10 +159,10 @@ def _decoder_label_scores(
     model: Any, prompts: list[list[int]], label_ids: list[list[int]], task_id: int, pad: int, device: torch.device
 ) -> list[list[float]]:
     num_labels, width = len(label_ids), max(len(ids) for ids in label_ids)
-    input_ids = _padded(prompts, pad, left=True).to(device)
-    attention = _padded([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    input_ids = pad_rows(prompts, pad, "left").to(device)
+    attention = pad_rows([[1] * len(p) for p in prompts], 0, "left").to(device)
     positions = (attention.cumsum(1) - 1).clamp_min(0)
-    labels = _padded(label_ids, IGNORE_INDEX, left=False).to(device)  # [L, width]
+    labels = pad_rows(label_ids, IGNORE_INDEX).to(device)  # [L, width]
     label_mask = (labels != IGNORE_INDEX).float()
     parameters = inspect.signature(model.backbone.forward).parameters
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prompt's last logits only
@@ -178,9 +174,7 @@ def _decoder_label_scores(
         total = first.reshape(-1)
         if width > 1:  # the labels' tokens (all but the last) on top of the prompt's cache, one row per label
             # transformers 5.x names the KV cache "cache", 4.x "past_key_values"
-            cache_key = (
-                "cache" if "cache" in inspect.signature(model.backbone.forward).parameters else "past_key_values"
-            )
+            cache_key = "cache" if "cache" in parameters else "past_key_values"
             cache = getattr(out, cache_key)
             cache.batch_repeat_interleave(num_labels)
             continuation = labels[:, :-1].repeat(len(prompts), 1)
@@ -206,12 +200,12 @@ def _seq2seq_label_scores(
     from transformers.modeling_outputs import BaseModelOutput
 
     num_labels = len(label_ids)
-    input_ids = _padded(prompts, pad, left=False).to(device)
-    attention = _padded([[1] * len(p) for p in prompts], 0, left=False).to(device)
+    input_ids = pad_rows(prompts, pad).to(device)
+    attention = pad_rows([[1] * len(p) for p in prompts], 0).to(device)
     with model.routed([task_id] * len(prompts)):
         encoded = model.backbone.get_encoder()(input_ids=input_ids, attention_mask=attention)
     hidden = encoded.last_hidden_state.repeat_interleave(num_labels, 0)
-    labels = _padded(label_ids, IGNORE_INDEX, left=False).to(device).repeat(len(prompts), 1)
+    labels = pad_rows(label_ids, IGNORE_INDEX).to(device).repeat(len(prompts), 1)
     logits = model(
         encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
         attention_mask=attention.repeat_interleave(num_labels, 0),

@@ -108,6 +108,13 @@ def pack_examples(examples: Sequence[TokenizedExample], max_length: int) -> list
     return packed
 
 
+def pad_rows(rows: Sequence[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    """``rows`` of token ids as one ``[len(rows), longest]`` long tensor, padded with ``value`` on ``side``."""
+    width = max((len(r) for r in rows), default=0)
+    padded = [([value] * (width - len(r)) + r) if side == "left" else (r + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
+
+
 class MultiTaskCollator:
     """Pads tokenised examples into a batch: input_ids, attention_mask, labels, task_ids (+ prompt_mask)."""
 
@@ -119,12 +126,7 @@ class MultiTaskCollator:
         self.padding_side = padding_side
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max((len(r) for r in rows), default=0)
-        padded = [
-            ([value] * (width - len(r)) + r) if self.padding_side == "left" else (r + [value] * (width - len(r)))
-            for r in rows
-        ]
-        return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)
+        return pad_rows(rows, value, self.padding_side)
 
     def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
         if not examples:
