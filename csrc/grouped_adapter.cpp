@@ -207,9 +207,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& ids, const at::Tensor& mix,
                      const at::Tensor& w_down, const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
-                     const at::Tensor& hidden, ActivationSpec spec, const Shapes& s, at::Tensor& grad_x,
-                     at::Tensor& grad_mix, at::Tensor& grad_wd, at::Tensor& grad_bd, at::Tensor& grad_wu,
-                     at::Tensor& grad_bu) {
+                     const at::Tensor& hidden, ActivationSpec spec, const Shapes& s, bool weight_grads,
+                     at::Tensor& grad_x, at::Tensor& grad_mix, at::Tensor& grad_wd, at::Tensor& grad_bd,
+                     at::Tensor& grad_wu, at::Tensor& grad_bu) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc = grad_x.options();
   const at::Tensor wd = w_down.to(acc.dtype()), wu = w_up.to(acc.dtype());
@@ -278,10 +278,12 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
         dmix_ptr[tokens[i] * s.slots + slot] = dmix;
       }
     });
-    grad_wu[e].addmm_(aw.t(), dyr);
-    grad_wd[e].addmm_(xr.t(), dh);
-    if (grad_bu.numel() > 0) grad_bu[e].addmv_(dyr.t(), wr);
-    if (grad_bd.numel() > 0) grad_bd[e].add_(dh.sum(0));
+    if (weight_grads) {  // a router-only stage needs grad_x and the mixture's gradient, not these
+      grad_wu[e].addmm_(aw.t(), dyr);
+      grad_wd[e].addmm_(xr.t(), dh);
+      if (grad_bu.numel() > 0) grad_bu[e].addmv_(dyr.t(), wr);
+      if (grad_bd.numel() > 0) grad_bd[e].add_(dh.sum(0));
+    }
     at::mm_out(dxr, dh, wd[e].t());
     const acc_t* dxr_ptr = dxr.data_ptr<acc_t>();
     at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -316,7 +318,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_adapter_cpu(const at::Tensor& x_in, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_adapter_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& mix,
     const at::Tensor& w_down_in, const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up_in,
-    const c10::optional<at::Tensor>& b_up, const at::Tensor& hidden_in, c10::string_view activation) {
+    const c10::optional<at::Tensor>& b_up, const at::Tensor& hidden_in, c10::string_view activation,
+    bool weight_grads) {
   const OpInputs in = prepare(x_in, ids_in, mix, w_down_in, b_down, w_up_in, b_up, activation);
   const at::Tensor &x = in.x, &ids = in.ids, &w_down = in.w_down, &w_up = in.w_up;
   const Shapes& s = in.s;
@@ -328,13 +331,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "grouped_adapter_backward: hidden must be [N, k, r']");
   const at::Tensor hidden = hidden_in.to(acc.dtype()).contiguous();
   at::Tensor grad_x = at::zeros({s.tokens, s.width}, acc), grad_mix = at::zeros({s.tokens, s.slots}, acc);
-  at::Tensor grad_wd = at::zeros({s.experts, s.width, s.down_width}, acc);
-  at::Tensor grad_wu = at::zeros({s.experts, s.rank, s.width}, acc);
-  at::Tensor grad_bd = b_down.has_value() ? at::zeros({s.experts, s.down_width}, acc) : at::empty({0}, acc);
-  at::Tensor grad_bu = b_up.has_value() ? at::zeros({s.experts, s.width}, acc) : at::empty({0}, acc);
+  // Without weight_grads the weight gradients are empty [0] tensors and never computed.
+  const at::Tensor none = at::empty({0}, acc);
+  at::Tensor grad_wd = weight_grads ? at::zeros({s.experts, s.width, s.down_width}, acc) : none;
+  at::Tensor grad_wu = weight_grads ? at::zeros({s.experts, s.rank, s.width}, acc) : none;
+  at::Tensor grad_bd = weight_grads && b_down.has_value() ? at::zeros({s.experts, s.down_width}, acc) : none;
+  at::Tensor grad_bu = weight_grads && b_up.has_value() ? at::zeros({s.experts, s.width}, acc) : none;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_adapter_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_y, x, ids, mix, w_down, w_up, b_up, hidden, spec, s, grad_x, grad_mix, grad_wd,
-                              grad_bd, grad_wu, grad_bu);
+    backward_kernel<scalar_t>(grad_y, x, ids, mix, w_down, w_up, b_up, hidden, spec, s, weight_grads, grad_x,
+                              grad_mix, grad_wd, grad_bd, grad_wu, grad_bu);
   });
   const auto type = x.scalar_type();
   return {grad_x.to(type), grad_mix.to(mix.scalar_type()), grad_wd.to(type), grad_bd.to(type), grad_wu.to(type),
@@ -349,7 +354,7 @@ TORCH_LIBRARY(alter_ds, m) {
       "Tensor w_up, Tensor? b_up, str activation) -> (Tensor, Tensor)");
   m.def(
       "grouped_adapter_backward(Tensor grad_y, Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor w_down, "
-      "Tensor? b_down, Tensor w_up, Tensor? b_up, Tensor hidden, str activation) "
+      "Tensor? b_down, Tensor w_up, Tensor? b_up, Tensor hidden, str activation, bool weight_grads=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -180,3 +180,24 @@ def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert "ERROR: AddressSanitizer" not in done.stderr, done.stderr[-6000:]
     assert done.returncode == 0 and "sanitized run ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["r16_multi_tile", "r17_k2_gelu_d200", "no_bias_k2"])
+@pytest.mark.parametrize("generic", [False, True], ids=["tensor-core", "generic"])
+def test_a_router_only_backward_skips_the_expert_weight_gradients(case, generic, monkeypatch):
+    """weight_grads=False (frozen experts): both kernel families leave the expert-weight gradients out (empty
+    tensors) and give the same grad_x and mixture gradient as the full backward."""
+    if generic:
+        monkeypatch.setenv("ALTER_DS_CUDA_GENERIC", "1")
+    tensors, act = make_inputs(**TENSOR_CORE_CASES[case], activation=ACTIVATION_OF.get(case, "gelu"))
+    args = rounded(tensors, torch.bfloat16, weights_dtype=torch.float32)
+    grad_y = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ops = torch.ops.alter_ds_emulated
+    _, hidden = ops.grouped_adapter(*args, act)
+    every = ops.grouped_adapter_backward(grad_y, *args, hidden, act)
+    launched_kernels()
+    skipped = ops.grouped_adapter_backward(grad_y, *args, hidden, act, False)
+    assert (TENSOR_CORE in launched_kernels()) is not generic
+    for index in (0, 1):
+        torch.testing.assert_close(skipped[index], every[index], rtol=0, atol=0)
+    assert all(t.numel() == 0 for t in skipped[2:])

@@ -217,3 +217,38 @@ def test_cuda_paths_in_bfloat16_at_model_widths(device, monkeypatch, shape, acti
     errors = errors_against_loop(grouped_adapter, on(device, low), act)
     for name, error in errors.items():
         assert error < 1e-2, f"{name}: max error {error:.2e} of the largest value"
+
+
+@pytest.mark.parametrize("case", ["k2", "experts_without_tokens", "many_chunks"])
+def test_a_router_only_backward_skips_the_expert_weight_gradients(device, case):
+    """With frozen experts (a router-only stage) autograd asks for no expert-weight gradient: the op skips them
+    (empty tensors from the kernel, None to autograd) and grad_x and the mixture's gradient are unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.weight_grads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "grouped_adapter_backward" in str(func):
+                self.weight_grads.append(args[-1] if len(args) > 10 else kwargs.get("weight_grads", True))
+            return func(*args, **(kwargs or {}))
+
+    tensors, act = make_inputs(**KERNEL_CASES[case], activation="gelu", dtype=torch.float32)
+    tensors = on(device, tensors)
+    x, ids, weights, w_down, b_down, w_up, b_up = tensors
+    full = torch.ops.alter_ds.grouped_adapter_backward
+    y, hidden = torch.ops.alter_ds.grouped_adapter(*tensors, act)
+    grad_y = torch.randn_like(y)
+    every = full(grad_y, *tensors, hidden, act)
+    skipped = full(grad_y, *tensors, hidden, act, False)
+    for index in (0, 1):
+        torch.testing.assert_close(skipped[index], every[index], rtol=0, atol=0)
+    assert all(t.numel() == 0 for t in skipped[2:]) and all(t.numel() > 0 for t in every[2:] if t is not None)
+    leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+    with BackwardCalls() as calls:
+        grouped_adapter(leaves[0], ids, leaves[1], w_down, b_down, w_up, b_up, act).backward(grad_y)
+    assert calls.weight_grads == [False]
+    torch.testing.assert_close(leaves[0].grad, every[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(leaves[1].grad, every[1].to(leaves[1].dtype), rtol=1e-6, atol=1e-6)

@@ -335,3 +335,27 @@ def test_activation_checkpointing_recomputes_each_layer_with_its_forwards_routin
         torch.testing.assert_close(grads_b[name], grads_a[name], **TOL, msg=name)
     for name in usage_a:
         torch.testing.assert_close(usage_b[name], usage_a[name], **TOL, msg=name)
+
+
+def test_the_expert_stack_is_kept_while_no_gradient_can_reach_the_experts():
+    """With shared experts the op's weights are a concatenation: kept across forwards when the experts are
+    frozen or gradients are off, rebuilt after any in-place change, and never kept while experts train."""
+    model = make_model("llama", shared=1)
+    block = next(iter(model.blocks.values()))
+    inputs = batch_inputs(model)
+    model.set_trainable(["router"])
+    first = block.expert_weights()
+    assert block.expert_weights()[0] is first[0]  # reused
+    before = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    with torch.no_grad():
+        block.shared_experts.w_up.add_(0.5)  # an in-place change, as an optimizer step makes
+    rebuilt = block.expert_weights()
+    assert rebuilt[0] is not first[0]
+    torch.testing.assert_close(rebuilt[2][-1], block.shared_experts.w_up[0], rtol=0, atol=0)
+    after = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    assert not torch.allclose(before, after)
+    model.set_trainable(["shared_experts"])
+    model.train()
+    loss_of(model, inputs, [0, 1, 2, 0]).backward()
+    assert block._stack is None and block.shared_experts.w_up.grad is not None
+    assert bool(block.shared_experts.w_up.grad.abs().sum() > 0)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from alter_ds.config import RouterConfig
-from alter_ds.mta.experts import ExpertBank, stacked_weights
+from alter_ds.mta.experts import ExpertBank, StackedWeights, stacked_weights
 from alter_ds.mta.routers import ExpertLayout, Router, build_router
 from alter_ds.ops.grouped_adapter import grouped_adapter
 
@@ -149,6 +149,7 @@ class MTABlock(nn.Module):
         self.usage_sum: torch.Tensor | None = None
         self.usage_count: torch.Tensor | None = None
         self.record_usage = True
+        self._stack: tuple[tuple[object, ...], StackedWeights] | None = None  # see expert_weights
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -157,8 +158,7 @@ class MTABlock(nn.Module):
         if expert_ids.dim() == 2:  # example-level: broadcast over the example's tokens
             expert_ids = expert_ids[:, None, :].expand(batch, length, -1)
             expert_weights = expert_weights[:, None, :].expand(batch, length, -1)
-        banks = [self.task_experts] + ([self.shared_experts] if self.shared_experts is not None else [])
-        w_down, b_down, w_up, b_up = stacked_weights(banks)
+        w_down, b_down, w_up, b_up = self.expert_weights()
         flat = hidden.reshape(-1, width)
         out = grouped_adapter(
             flat,
@@ -174,6 +174,27 @@ class MTABlock(nn.Module):
         if self.scaling != 1.0:
             out = out * self.scaling
         return hidden + out if self.residual else out
+
+    def expert_weights(self) -> StackedWeights:
+        """Task and shared experts' weights as one stack, the op's input.
+
+        With shared experts that is a concatenation. When no gradient can reach the experts (evaluation, a
+        router-only stage) the stack is kept and reused until a weight changes: in-place updates (an optimizer
+        step, ``load_state_dict``) bump a tensor's version, and moving or casting the model gives new storage.
+        That costs one extra copy of the expert weights while it is kept, instead of a copy per forward.
+        """
+        banks = [self.task_experts] + ([self.shared_experts] if self.shared_experts is not None else [])
+        if len(banks) == 1:
+            return stacked_weights(banks)
+        tensors = [t for bank in banks for t in bank.weights() if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            self._stack = None
+            return stacked_weights(banks)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        if self._stack is None or self._stack[0] != key:
+            with torch.no_grad():
+                self._stack = (key, stacked_weights(banks))
+        return self._stack[1]
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         context = self.context

@@ -159,9 +159,11 @@ class ExpertBank(nn.Module):
         return f"experts={self.num_experts}, width={self.width}, rank={self.rank}, activation={self.activation}"
 
 
-def stacked_weights(
-    banks: list[ExpertBank],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+#: w_down, b_down, w_up, b_up of several banks stacked along the expert dimension
+StackedWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+
+
+def stacked_weights(banks: list[ExpertBank]) -> StackedWeights:
     """The weights of several banks as one stack (task experts first, then shared ones)."""
     if len(banks) == 1:
         bank = banks[0]

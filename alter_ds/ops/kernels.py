@@ -45,14 +45,18 @@ def _fake_backward(
     b_up: torch.Tensor | None,
     hidden: torch.Tensor,
     activation: str,
+    weight_grads: bool = True,
 ) -> tuple[torch.Tensor, ...]:
+    def shape(tensor: torch.Tensor | None) -> tuple[int, ...]:
+        return tuple(tensor.shape) if tensor is not None and weight_grads else (0,)
+
     return (
         x.new_empty(x.shape),
         expert_weights.new_empty(expert_weights.shape),
-        w_down.new_empty(w_down.shape),
-        w_down.new_empty(b_down.shape if b_down is not None else (0,)),
-        w_up.new_empty(w_up.shape),
-        w_up.new_empty(b_up.shape if b_up is not None else (0,)),
+        w_down.new_empty(shape(w_down)),
+        w_down.new_empty(shape(b_down)),
+        w_up.new_empty(shape(w_up)),
+        w_up.new_empty(shape(b_up)),
     )
 
 
@@ -67,18 +71,22 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
 def _backward(ctx: Any, grad_y: torch.Tensor, grad_hidden: torch.Tensor | None) -> tuple[Any, ...]:
     x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, hidden = ctx.saved_tensors
     backward_op = getattr(torch.ops, ctx.namespace).grouped_adapter_backward
+    # inputs: x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation. A router-only stage needs
+    # no expert-weight gradient, and the kernels then skip computing them (half of the backward's matmuls).
+    weight_grads = any(ctx.needs_input_grad[i] for i in (3, 4, 5, 6))
     grads = backward_op(
-        grad_y.contiguous(), x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, hidden, ctx.activation
-    )
+        grad_y.contiguous(), x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, hidden, ctx.activation,
+        weight_grads,
+    )  # fmt: skip
     grad_x, grad_weights, grad_w_down, grad_b_down, grad_w_up, grad_b_up = grads
     return (
         grad_x,
         None,
         grad_weights,
-        grad_w_down,
-        grad_b_down if ctx.has_bias[0] else None,
-        grad_w_up,
-        grad_b_up if ctx.has_bias[1] else None,
+        grad_w_down if weight_grads else None,
+        grad_b_down if weight_grads and ctx.has_bias[0] else None,
+        grad_w_up if weight_grads else None,
+        grad_b_up if weight_grads and ctx.has_bias[1] else None,
         None,
     )
 

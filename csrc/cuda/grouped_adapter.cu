@@ -244,8 +244,8 @@ bool tensor_core_forward(const Shape& s, const at::Tensor& x, const at::Tensor& 
 template <typename scalar_t>
 bool tensor_core_backward(const Shape& s, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weights,
                           const at::Tensor& w_down, const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-                          const std::optional<at::Tensor>& b_up, const at::Tensor& hidden, TokenOutput& grad_x,
-                          at::Tensor& grad_weights, at::Tensor& grad_w_down, at::Tensor& grad_b_down,
+                          const std::optional<at::Tensor>& b_up, const at::Tensor& hidden, bool weight_grads,
+                          TokenOutput& grad_x, at::Tensor& grad_weights, at::Tensor& grad_w_down, at::Tensor& grad_b_down,
                           at::Tensor& grad_w_up, at::Tensor& grad_b_up, const Routing& routing, cudaStream_t stream) {
   if constexpr (!kIsHalfLike<scalar_t>) {
     return false;
@@ -265,10 +265,11 @@ bool tensor_core_backward(const Shape& s, const at::Tensor& grad_y, const at::Te
     args.grad_x = grad_x.accumulator.defined() ? nullptr : grad_x.out.mutable_data_ptr();
     args.grad_x_acc = grad_x.accumulator.defined() ? grad_x.accumulator.mutable_data_ptr<float>() : nullptr;
     args.grad_weights = grad_weights.mutable_data_ptr<float>();
-    args.grad_w_down = grad_w_down.mutable_data_ptr<float>();
-    args.grad_b_down = b_down ? grad_b_down.mutable_data_ptr<float>() : nullptr;
-    args.grad_w_up = grad_w_up.mutable_data_ptr<float>();
-    args.grad_b_up = b_up ? grad_b_up.mutable_data_ptr<float>() : nullptr;
+    // null weight-gradient pointers: the kernel skips those accumulations (a router-only stage)
+    args.grad_w_down = weight_grads ? grad_w_down.mutable_data_ptr<float>() : nullptr;
+    args.grad_b_down = weight_grads && b_down ? grad_b_down.mutable_data_ptr<float>() : nullptr;
+    args.grad_w_up = weight_grads ? grad_w_up.mutable_data_ptr<float>() : nullptr;
+    args.grad_b_up = weight_grads && b_up ? grad_b_up.mutable_data_ptr<float>() : nullptr;
     args.seg = routing.view();
     args.k = static_cast<int>(s.k);
     args.d = static_cast<int>(s.d);
@@ -342,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_adapter_cuda(const at::Tensor& x, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_adapter_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& expert_weights,
     const at::Tensor& w_down, const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-    const std::optional<at::Tensor>& b_up, const at::Tensor& hidden, std::string_view activation) {
+    const std::optional<at::Tensor>& b_up, const at::Tensor& hidden, std::string_view activation,
+    bool weight_grads) {
   const Shape s = check_args(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
@@ -356,15 +358,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_y = grad_y_in.to(dtype).contiguous();
 
   // Weight gradients accumulate in the accumulation type and are dense: experts without tokens get zeros.
-  at::Tensor grad_w_down = at::zeros({s.experts, s.d, s.rd}, acc_options);
-  at::Tensor grad_w_up = at::zeros({s.experts, s.r, s.d}, acc_options);
-  at::Tensor grad_b_down = b_down ? at::zeros({s.experts, s.rd}, acc_options) : at::Tensor();
-  at::Tensor grad_b_up = b_up ? at::zeros({s.experts, s.d}, acc_options) : at::Tensor();
+  // Without weight_grads (a router-only stage) they are never computed and come back as empty [0] tensors.
+  const bool bias_down = weight_grads && b_down.has_value(), bias_up = weight_grads && b_up.has_value();
+  at::Tensor grad_w_down = weight_grads ? at::zeros({s.experts, s.d, s.rd}, acc_options) : at::Tensor();
+  at::Tensor grad_w_up = weight_grads ? at::zeros({s.experts, s.r, s.d}, acc_options) : at::Tensor();
+  at::Tensor grad_b_down = bias_down ? at::zeros({s.experts, s.rd}, acc_options) : at::Tensor();
+  at::Tensor grad_b_up = bias_up ? at::zeros({s.experts, s.d}, acc_options) : at::Tensor();
   at::Tensor grad_weights = at::empty({s.n, s.k}, acc_options);
   auto finish = [&](const at::Tensor& grad_x) {
-    return std::make_tuple(grad_x, grad_weights.to(expert_weights.scalar_type()), grad_w_down.to(dtype),
-                           b_down ? grad_b_down.to(dtype) : at::empty({0}, w_down.options()), grad_w_up.to(dtype),
-                           b_up ? grad_b_up.to(dtype) : at::empty({0}, w_down.options()));
+    const auto empty = at::empty({0}, w_down.options());
+    return std::make_tuple(grad_x, grad_weights.to(expert_weights.scalar_type()),
+                           weight_grads ? grad_w_down.to(dtype) : empty, bias_down ? grad_b_down.to(dtype) : empty,
+                           weight_grads ? grad_w_up.to(dtype) : empty, bias_up ? grad_b_up.to(dtype) : empty);
   };
   if (s.total == 0 || s.d == 0) {  // d == 0: grad_y is empty, so every gradient is zero
     grad_weights.zero_();
@@ -378,14 +383,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TokenOutput grad_x = make_token_output(x, s.k, acc_type);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grouped_adapter_backward_cuda", [&] {
-    if (tensor_core_backward<scalar_t>(s, grad_y, x, weights, w_down, b_down, w_up, b_up, hidden, grad_x, grad_weights,
-                                       grad_w_down, grad_b_down, grad_w_up, grad_b_up, routing, stream)) {
+    if (tensor_core_backward<scalar_t>(s, grad_y, x, weights, w_down, b_down, w_up, b_up, hidden, weight_grads, grad_x,
+                                       grad_weights, grad_w_down, grad_b_down, grad_w_up, grad_b_up, routing, stream)) {
       return;
     }
     using Acc = typename AccOf<scalar_t>::type;
     const scalar_t* b_up_ptr = b_up ? b_up->const_data_ptr<scalar_t>() : nullptr;
-    Acc* grad_b_down_ptr = b_down ? grad_b_down.mutable_data_ptr<Acc>() : nullptr;
-    Acc* grad_b_up_ptr = b_up ? grad_b_up.mutable_data_ptr<Acc>() : nullptr;
+    Acc* grad_b_down_ptr = bias_down ? grad_b_down.mutable_data_ptr<Acc>() : nullptr;
+    Acc* grad_b_up_ptr = bias_up ? grad_b_up.mutable_data_ptr<Acc>() : nullptr;
     using namespace generic;
     const unsigned narrow_tiles = static_cast<unsigned>(routing.max_tiles(kNarrowTileRows));
     const unsigned wide_tiles = static_cast<unsigned>(routing.max_tiles(kWideTileRows));
@@ -394,11 +399,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Acc* hidden_ptr = hidden.const_data_ptr<Acc>();
     const Acc* weights_ptr = weights.const_data_ptr<Acc>();
     const scalar_t* grad_y_ptr = grad_y.const_data_ptr<scalar_t>();
-
-    at::Tensor act = at::empty({s.total, s.r}, acc_options);  // w * act(h)
-    activation_kernel<<<elementwise_blocks(s.total * s.r, kThreads), kThreads, 0, stream>>>(
-        hidden_ptr, weights_ptr, s.total, r, rd, s.spec.base, s.spec.gated, act.mutable_data_ptr<Acc>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     at::Tensor g = at::empty({s.total, s.r}, acc_options);  // grad_y * w_up^T
     row_gemm_kernel<Acc><<<dim3(narrow_tiles, ceil_div(s.r, kTileCols)), kThreads, 0, stream>>>(
@@ -423,6 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             weights_ptr, s.d});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+    if (!weight_grads) return;
     // grad_w_down[e] = x^T dH (+ grad_b_down = column sums of dH)
     const dim3 down_grid(wide_tiles, ceil_div(s.d + (b_down ? 1 : 0), 32), ceil_div(s.rd, kTileCols));
     weight_grad_kernel<Acc><<<down_grid, kThreads, 0, stream>>>(
@@ -431,6 +432,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         grad_b_down_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // grad_w_up[e] = (w act(h))^T grad_y (+ grad_b_up = w^T grad_y)
+    at::Tensor act = at::empty({s.total, s.r}, acc_options);  // w * act(h)
+    activation_kernel<<<elementwise_blocks(s.total * s.r, kThreads), kThreads, 0, stream>>>(
+        hidden_ptr, weights_ptr, s.total, r, rd, s.spec.base, s.spec.gated, act.mutable_data_ptr<Acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 up_grid(wide_tiles, ceil_div(s.r + (b_up ? 1 : 0), 32), ceil_div(s.d, kTileCols));
     weight_grad_kernel<Acc><<<up_grid, kThreads, 0, stream>>>(
         seg, k, r, d, AssignmentRows<Acc>{act.const_data_ptr<Acc>(), s.r}, TokenRows<scalar_t, Acc>{grad_y_ptr, s.d},

@@ -118,9 +118,9 @@ struct BackwardArgs {
   void* grad_x;             // [N, d] when k == 1
   float* grad_x_acc;        // [N, d] fp32 when k > 1
   float* grad_weights;      // [N*k]
-  float* grad_w_down;       // [E, d, rd] fp32, zero-initialised
+  float* grad_w_down;       // [E, d, rd] fp32, zero-initialised; null: not computed (a router-only stage)
   float* grad_b_down;       // [E, rd] or null
-  float* grad_w_up;         // [E, r, d]
+  float* grad_w_up;         // [E, r, d], or null like grad_w_down
   float* grad_b_up;         // [E, d] or null
   Segments seg;
   int k, d, rd, r, rdp, rp;
@@ -518,8 +518,9 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const BackwardArg
       red[warp * kChunk + lane] = s0;
       red[warp * kChunk + lane + 32] = s1;
     }
-    // grad_w_up[e][:, c0:c0+64] partial: (rp/16) x 4 output fragments, K = the tile's rows
-    const int out_frags = up_frags * (kChunk / 16);
+    // grad_w_up[e][:, c0:c0+64] partial: (rp/16) x 4 output fragments, K = the tile's rows (none when the
+    // weight gradients are not wanted: a null pointer, the same for the whole block)
+    const int out_frags = args.grad_w_up ? up_frags * (kChunk / 16) : 0;
     for (int f = warp; f < out_frags; f += kWarps) {
       const int ib = f / (kChunk / 16);
       const int jn = f % (kChunk / 16);
@@ -545,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const BackwardArg
       __syncwarp();
     }
     __syncthreads();  // the next iteration refills this stage and rewrites `red`
-    if (b_up && threadIdx.x < kChunk && c0 + static_cast<int>(threadIdx.x) < d) {
+    if (args.grad_b_up && threadIdx.x < kChunk && c0 + static_cast<int>(threadIdx.x) < d) {
       float s = 0.f;
       for (int w = 0; w < kWarps; ++w) s += red[w * kChunk + threadIdx.x];
       atomicAdd(args.grad_b_up + static_cast<int64_t>(e) * d + c0 + threadIdx.x, s);
@@ -661,8 +662,8 @@ __global__ void __launch_bounds__(kThreads, 2) backward_kernel(const BackwardArg
         __syncwarp();
       }
     }
-    // grad_w_down[e][c0:c0+64, :] partial: 4 x (rdp/16) output fragments, K = the tile's rows
-    const int out_frags = (kChunk / 16) * down_frags;
+    // grad_w_down[e][c0:c0+64, :] partial: 4 x (rdp/16) output fragments, K = the tile's rows (none when null)
+    const int out_frags = args.grad_w_down ? (kChunk / 16) * down_frags : 0;
     for (int f = warp; f < out_frags; f += kWarps) {
       const int ib = f / down_frags;
       const int jb = f % down_frags;
