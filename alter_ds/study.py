@@ -276,7 +276,9 @@ class Study:
             "split": self.config.eval.split,
             "final_stage": config.stages[-1].name,
             "stages": results,
-            "seconds": round(train_seconds, 1),  # training (launch to exported model), not evaluation
+            "seconds": round(train_seconds, 1),  # this invocation's launch to exported model (0-ish if resumed)
+            # time in optimizer steps, every stage, over every resume (None when a stage's summary predates it)
+            "train_seconds": _sum_or_none([summary.get("train_seconds") for summary in summaries.values()]),
             "trainable_parameters": {
                 name: sum(g["trainable"] for g in summary["parameters"].values()) for name, summary in summaries.items()
             },
@@ -328,6 +330,10 @@ def _write_atomic(path: Path, text: str) -> None:
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(text)
     staging.replace(path)
+
+
+def _sum_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else round(sum(v for v in values if v is not None), 1)
 
 
 def _minutes(seconds: float) -> str:

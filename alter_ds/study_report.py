@@ -44,16 +44,15 @@ def write_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
     if results["runs_missing"]:
         lines += [f"Not finished yet: {', '.join(results['runs_missing'])}.", ""]
     lines += [
-        "| arm | seeds | ARG vs baseline (%) | trainable parameters (per stage) | training minutes per run |",
+        "| arm | seeds | ARG vs baseline (%) | trainable parameters (per stage) | minutes in training steps per run |",
         "|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
         final = arm["final_stage"]
         records = list(arm["seeds"].values())
         trainable = " + ".join(f"{n:,}" for n in records[0]["trainable_parameters"].values())
-        minutes = sum(r["seconds"] for r in records) / len(records) / 60
         arg = _arg_cell(arm["arg"][final]) if "arg" in arm else "-"
-        lines.append(f"| {name} | {len(records)} | {arg} | {trainable} | {minutes:.1f} |")
+        lines.append(f"| {name} | {len(records)} | {arg} | {trainable} | {_training_minutes(records)} |")
     header = ["task", "metric", *(["backbone"] if results["backbone"] else []), *arms]
     lines += ["", "## Per task (final stage of each arm)", "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "---|" * len(header))
@@ -201,3 +200,11 @@ def _best_routing_arm(results: dict[str, Any]) -> tuple[str, dict[str, Any]] | N
     seeds = arm["seeds"]
     best_seed = max(seeds, key=lambda s: arm["arg"][arm["final_stage"]]["per_seed"][list(seeds).index(s)])
     return name, seeds[best_seed]
+
+
+def _training_minutes(records: list[dict[str, Any]]) -> str:
+    """Mean over seeds of the time spent in optimizer steps ("-" when a run's summaries do not say)."""
+    seconds = [float(r["train_seconds"]) for r in records if r.get("train_seconds") is not None]
+    if len(seconds) < len(records):
+        return "-"
+    return f"{sum(seconds) / len(seconds) / 60:.1f}"

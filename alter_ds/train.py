@@ -320,15 +320,23 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
         }
     )
     step = 0
+    step_seconds = 0.0  # time in optimizer steps, summed over every run of the stage (a resume carries it on)
     if saved is not None:
         state = load_checkpoint(engine, checkpoints, saved, stamp)
         step = int(state["step"])
+        step_seconds = float(state.get("step_seconds", 0.0))
         batches.load_state_dict(state["sampler"])
         if rank == 0:
             print(f"resumed stage {stage.name} from step {step} ({checkpoints})")
 
     def checkpoint() -> None:
-        client = {"step": step, "sampler": batches.state_dict(), "fingerprint": stamp, "stage": stage.name}
+        client = {
+            "step": step,
+            "sampler": batches.state_dict(),
+            "fingerprint": stamp,
+            "stage": stage.name,
+            "step_seconds": step_seconds,
+        }
         save_checkpoint(engine, checkpoints, f"step{step}", client, config.training.keep_checkpoints)
 
     if index == 0 and step == 0 and stage.init_from is None and config.training.eval_backbone:
@@ -339,7 +347,7 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
     progress = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=rank != 0, dynamic_ncols=True)
     accumulation = config.training.gradient_accumulation_steps
     window = _LogWindow.empty(len(config.tasks), engine.device)
-    nonfinite_in_a_row, nonfinite_total, step_times = 0, 0, []
+    nonfinite_in_a_row, nonfinite_total = 0, 0
     engine.train()
     while step < stage.steps:
         # The one vote of the step: a signal may reach one rank first, and every rank must stop at the same step.
@@ -367,7 +375,7 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
         nonfinite_in_a_row = 0
         window.add(result.loss_sums, result.tokens, result.samples, result.lr)
         step += 1
-        step_times.append(time.perf_counter() - started)
+        step_seconds += time.perf_counter() - started
         progress.update(1)
         if step % config.training.log_every == 0 or step == stage.steps:
             _log_window(engine, model, logger, window, step, index, config, progress, layout.metrics_file(index))
@@ -382,7 +390,8 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
         "stage": stage.name,
         "steps": step,
         "parameters": {group: {"trainable": t, "total": n} for group, (t, n) in counts.items()},
-        "mean_step_seconds": sum(step_times) / len(step_times) if step_times else None,
+        "train_seconds": round(step_seconds, 3),  # in optimizer steps (skipped ones not counted), over resumes
+        "mean_step_seconds": step_seconds / step if step else None,
         "nonfinite_skipped": nonfinite_total,
         "dev": results,
     }

@@ -130,6 +130,7 @@ def _fake_record(study, run, scores_by_stage):
         "final_stage": list(scores_by_stage)[-1],
         "stages": stages,
         "seconds": 60.0,
+        "train_seconds": 90.0 + 30.0 * run.seed,
         "trainable_parameters": {stage: 1000 for stage in scores_by_stage},
         "mean_step_seconds": {stage: 0.1 for stage in scores_by_stage},
     }
@@ -159,7 +160,7 @@ def test_report_means_spreads_and_arg_against_the_baseline_mean(workspace):
     assert baseline["arg"]["train"]["per_seed"] == pytest.approx([(-10 / 60) / 2, (10 / 60) / 2])
     assert results["tasks"]["a"]["accuracy_95ci_half_width_at_50pct"] == pytest.approx(6.93, abs=0.01)
     markdown = (study.root / "results.md").read_text()
-    assert "| mta | 2 | 15.00 ± 7.07 |" in markdown
+    assert "| mta | 2 | 15.00 ± 7.07 | 1,000 + 1,000 | 1.8 |" in markdown  # (90 s + 120 s) / 2 in steps
     assert "| a | +9.0 |" in markdown  # mta's mean on a (69) minus the baseline's (60)
     assert "| mta | stage1 | 0.00 ± 0.00 |" in markdown
     for png in ("per_task.png", "train_loss.png", "routing.png"):

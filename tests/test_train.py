@@ -173,11 +173,17 @@ def test_preemption_signal_checkpoints_exits_zero_and_resumes(workspace, full_ru
     assert "received: checkpointed stage stage1" in out
     saved = int((output / "tiny" / "stage1" / "checkpoints" / "latest").read_text().strip()[4:])
     assert 5 <= saved < STAGE1_STEPS
+    states = output / "tiny" / "stage1" / "checkpoints" / f"step{saved}" / "mp_rank_00_model_states.pt"
+    seconds_before = torch.load(states, map_location="cpu", weights_only=False)["step_seconds"]
+    assert seconds_before > 0
     code, out = finish(launch(workspace, output, stage="1"))
     assert code == 0 and f"resumed stage stage1 from step {saved}" in out
     again = losses(output / "tiny")
     assert sorted(again) == list(range(1, STAGE1_STEPS + 1))
     assert_losses_continue(again, reference, saved, LOSS_TOLERANCE)
+    summary = json.loads((output / "tiny" / "stage1" / "summary.json").read_text())
+    assert summary["train_seconds"] > seconds_before  # the stage's step time carries over the resume
+    assert summary["mean_step_seconds"] == pytest.approx(summary["train_seconds"] / STAGE1_STEPS, rel=1e-3)
 
 
 @pytest.mark.slow
