@@ -12,7 +12,9 @@ model with ``save_pretrained`` into ``runs/<run_name>/stage<i>/model``, where th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -67,7 +69,8 @@ def init_distributed() -> tuple[int, int, str]:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator().device_name()
-    deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else None)
+    with contextlib.redirect_stdout(io.StringIO()):  # on CPU each rank prints that it built its shm comm op
+        deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else None)
     import torch.distributed as dist
 
     if accelerator != "cpu":

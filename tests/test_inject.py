@@ -120,7 +120,11 @@ def test_unknown_architecture_names_what_is_missing():
             super().__init__()
             self.layers = torch.nn.ModuleList([Layer()])
 
-    with pytest.raises(InjectionError, match="no feed-forward sub-layer found in Layer"):
+    with pytest.raises(
+        InjectionError,
+        match=r"no feed-forward sub-layer found in Layer \(children found: "
+        r"\{'Layer': \['mixer'\]\}\)",
+    ):
         MTAModel(NoFFN(), MTAConfig(), TASKS)
 
 

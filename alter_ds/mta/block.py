@@ -153,6 +153,9 @@ class MTABlock(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dim() == 2:  # OPT flattens [B, T, d] to [B*T, d] around its FFN: give the tokens their rows back
+            rows = self._rows_of_flat(hidden.shape[0])
+            return self.forward(hidden.reshape(rows, -1, hidden.shape[-1])).reshape(hidden.shape)
         batch, length, width = hidden.shape
         expert_ids, expert_weights = self.route(hidden)
         if expert_ids.dim() == 2:  # example-level: broadcast over the example's tokens
@@ -174,6 +177,16 @@ class MTABlock(nn.Module):
         if self.scaling != 1.0:
             out = out * self.scaling
         return hidden + out if self.residual else out
+
+    def _rows_of_flat(self, tokens: int) -> int:
+        """How many rows ``tokens`` flattened tokens came from: the stack's attention mask has one per row (beams
+        and returned sequences included); without one, the task ids (and each token is its own row when
+        neither divides, which routing by task still gets right)."""
+        mask = self.context.attention_masks.get(self.stack)
+        for candidate in (mask, self.context.task_ids):
+            if candidate is not None and candidate.shape[0] and tokens % candidate.shape[0] == 0:
+                return int(candidate.shape[0])
+        return tokens
 
     def expert_weights(self) -> StackedWeights:
         """Task and shared experts' weights as one stack, the op's input.

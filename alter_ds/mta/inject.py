@@ -32,6 +32,8 @@ from alter_ds.ops.grouped_adapter import apply_activation
 STACK_LIST_NAMES = ("block", "blocks", "layers", "layer", "h")
 FFN_MODULE_NAMES = ("DenseReluDense", "mlp", "feed_forward", "ffn", "mlp_block")
 GATED_FFN_NAMES = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"))
+#: one projection computing [gate | up] (Phi-3), gate first: the op's gated layout already
+FUSED_GATED_FFN_NAMES = (("gate_up_proj", "down_proj"),)
 PLAIN_FFN_NAMES = (
     ("wi", "wo"),
     ("c_fc", "c_proj"),
@@ -113,7 +115,8 @@ def _child(module: nn.Module, name: str) -> nn.Module | None:
 def find_ffn(layer: nn.Module) -> tuple[nn.Module, str, str]:
     """The module holding the feed-forward projections and the names of its input/output projections.
 
-    Returns ``(owner, in_name, out_name)``; for gated FFNs ``in_name`` is ``"gate_name,up_name"``.
+    Returns ``(owner, in_name, out_name)``; for gated FFNs ``in_name`` is ``"gate_name,up_name"``, for a fused
+    gated projection (``FUSED_GATED_FFN_NAMES``) its one name.
     """
     candidates: list[nn.Module] = [layer]
     for path, module in layer.named_modules():
@@ -123,13 +126,17 @@ def find_ffn(layer: nn.Module) -> tuple[nn.Module, str, str]:
         for gate, up, down in GATED_FFN_NAMES:
             if all(_child(owner, n) is not None for n in (gate, up, down)):
                 return owner, f"{gate},{up}", down
+        for fused, down in FUSED_GATED_FFN_NAMES:
+            if _child(owner, fused) is not None and _child(owner, down) is not None:
+                return owner, fused, down
         for inner, outer in PLAIN_FFN_NAMES:
             if _child(owner, inner) is not None and _child(owner, outer) is not None:
                 return owner, inner, outer
+    found = {type(owner).__name__: sorted(name for name, _ in owner.named_children()) for owner in candidates}
     raise InjectionError(
-        f"no feed-forward sub-layer found in {type(layer).__name__}: expected a child named one of "
-        f"{FFN_MODULE_NAMES} (or the layer itself) holding projections such as "
-        f"{[p for p in PLAIN_FFN_NAMES]} or gated {[g for g in GATED_FFN_NAMES]}"
+        f"no feed-forward sub-layer found in {type(layer).__name__} (children found: {found}): expected a child "
+        f"named one of {FFN_MODULE_NAMES} (or the layer itself) holding projections such as "
+        f"{list(PLAIN_FFN_NAMES)}, gated {list(GATED_FFN_NAMES)} or fused gated {list(FUSED_GATED_FFN_NAMES)}"
     )
 
 
@@ -194,7 +201,8 @@ def read_feed_forward(layer: nn.Module) -> tuple[nn.Module, str, str, FeedForwar
         activation = identify_activation(activation_fn, gated=True)
     else:
         w_in, b_in = _in_out_weight(getattr(owner, in_name))
-        activation = identify_activation(activation_fn, gated=False)
+        fused = any(in_name == names[0] for names in FUSED_GATED_FFN_NAMES)
+        activation = identify_activation(activation_fn, gated=fused)
     return owner, in_name, out_name, FeedForwardWeights(w_in, b_in, w_out, b_out, activation)
 
 
