@@ -23,7 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check alter_ds tests benchmarks
 	$(BIN)/mypy
-	@if command -v shellcheck >/dev/null; then shellcheck -x slurm/*.sh tests/slurm/cluster.sh .ci/run .ci/*.sh; \
+	@if command -v shellcheck >/dev/null; then shellcheck -x slurm/*.sh tests/slurm/cluster.sh .ci/run .ci/*.sh benchmarks/*.sh; \
 	else echo "shellcheck not installed (apt-get install shellcheck): shell scripts not linted"; fi
 
 format: $(STAMP)

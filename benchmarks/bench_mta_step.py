@@ -63,14 +63,28 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(model: torch.nn.Module, batch: dict, reps: int, warmup: int = 1) -> dict:
+def peak_mb(device: str) -> float:
+    """Peak memory so far: the process's RSS on CPU, the allocator's peak on a GPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_mb()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model: torch.nn.Module, batch: dict, reps: int, device: str, warmup: int = 1) -> dict:
     """Median/p20/p80 seconds of forward+backward (no optimizer: identical for every setting)."""
     times = []
     for rep in range(warmup + reps):
         model.zero_grad(set_to_none=True)
+        synchronize(device)
         start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if rep >= warmup:
             times.append(elapsed)
@@ -87,6 +101,8 @@ def measure(setting: str, tasks: int, args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 1000, (args.batch, args.length), generator=generator)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    batch = {key: value.to(args.device) for key, value in batch.items()}
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if setting == "backbone":
         model: torch.nn.Module = load(args.model, args.layers).train()
     else:
@@ -99,10 +115,11 @@ def measure(setting: str, tasks: int, args: argparse.Namespace) -> dict:
             for block in mta.blocks.values():
                 block.task_experts.w_up.normal_(0, 0.01)
         model = _Bound(mta, torch.arange(args.batch) % tasks)
-    loaded = rss_mb()
-    result = {"setting": setting, "tasks": tasks, **time_steps(model, batch, args.reps)}
-    result["peak_rss_mb"] = rss_mb()
-    result["step_memory_mb"] = rss_mb() - loaded
+    model = model.to(device=args.device, dtype=dtype)
+    loaded = peak_mb(args.device)
+    result = {"setting": setting, "tasks": tasks, **time_steps(model, batch, args.reps, args.device)}
+    result["peak_rss_mb"] = peak_mb(args.device)
+    result["step_memory_mb"] = peak_mb(args.device) - loaded
     if setting == "mta":
         with tempfile.TemporaryDirectory() as scratch:
             trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -123,6 +140,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 is ~20x slower on CPUs")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", nargs=2, metavar=("SETTING", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,6 +162,7 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"batch {args.batch} x {args.length} tokens, r={args.rank}, layers={args.layers}, reps={args.reps}")
+    print(f"device {args.device}, {args.dtype}; peak memory is {'GPU allocator' if args.device == 'cuda' else 'RSS'}")
     print(
         f"{'setting':<10}{'T':>4}{'median s':>10}{'p20':>8}{'p80':>8}{'x backbone':>12}{'peak RSS MB':>13}"
         f"{'x backbone':>12}{'ckpt/model':>12}"

@@ -6,7 +6,7 @@ Environment variables choose them:
   its gradients are not finite;
 - ``DROP_MICRO_BATCHES=N,M``: every rank draws micro-batches N..M and throws them away (the run without them);
 - ``RECORD_COLLECTIVES=DIR``: every tensor handed to ``torch.distributed`` has its device recorded, with the
-  calling file, and each rank writes ``DIR/rank<r>.json`` with the devices seen and its compute device.
+  calling file, and each rank writes ``DIR/rank<r>-<pid>.json`` with the devices seen and its compute device.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def record_collectives(directory: Path) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         directory.mkdir(parents=True, exist_ok=True)
         record = {"device": str(torch.device(get_accelerator().current_device_name())), "calls": dict(seen)}
-        (directory / f"rank{rank}.json").write_text(json.dumps(record, indent=2))
+        (directory / f"rank{rank}-{os.getpid()}.json").write_text(json.dumps(record, indent=2))  # one per run
 
     atexit.register(write)
 
