@@ -1,7 +1,7 @@
 """Accepted means it runs: every decoder-only family of the matrix, built tiny from its config, goes through
 injection, forward (identity at init, a mixed batch equal to each example alone), save/load and generate, for
-each expert kind that applies to it. T5, BART, GPT-2 and Llama are covered the same way in test_inject.py,
-test_model.py and test_generation.py."""
+each placement: bottleneck experts after the FFN and after self-attention, FFN copies replacing the FFN.
+T5, BART, GPT-2 and Llama are covered the same way in test_inject.py, test_model.py and test_generation.py."""
 
 from __future__ import annotations
 
@@ -92,11 +92,14 @@ def family(request):
     return request.param
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "ffn"])
-def test_every_family_runs_forward_save_load_and_generate(family, kind, tmp_path):
+@pytest.mark.parametrize(
+    "kind, position", [("bottleneck", "after_ffn"), ("bottleneck", "after_attention"), ("ffn", "replace_ffn")]
+)
+def test_every_family_runs_forward_save_load_and_generate(family, kind, position, tmp_path):
     backbone = tiny(family)
     reference = copy.deepcopy(backbone)
     mta = MTAConfig(expert_kind=kind, num_shared_experts=1, shared_init="pretrained" if kind == "ffn" else "zeros")
+    mta.position = position
     router = RouterConfig(kind="task_weights", temperature=0.1) if kind == "ffn" else RouterConfig(kind="hard")
     model = MTAModel(backbone, mta, TASKS, router).eval()
     inputs = inputs_of()
