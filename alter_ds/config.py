@@ -532,9 +532,14 @@ def merge(base: Any, override: Any, where: str) -> Any:
     return merged
 
 
+def entry_names(items: list[Any]) -> list[Any]:
+    """The ``name`` of each mapping in ``items`` (what ``merge_by_name`` matches overrides against)."""
+    return [item.get("name") for item in items if isinstance(item, dict)]
+
+
 def merge_by_name(items: list[Any], overrides: Mapping[str, Any], where: str) -> list[Any]:
     """``items`` (mappings with a ``name``) with ``overrides[name]`` merged into the entry of that name."""
-    names = [item.get("name") for item in items if isinstance(item, dict)]
+    names = entry_names(items)
     unknown = [name for name in overrides if name not in names]
     if unknown:
         raise ConfigError(f"{where}: no entry named {unknown[0]!r}; the names are {names}")
@@ -577,10 +582,10 @@ def expand_task_suite(data: Any, lines: _Lines | None = None) -> Any:
     override = reference.get("override") or {}
     if not isinstance(override, Mapping):
         raise lines.error(("tasks", "override"), "expected a mapping of task name -> changes")
-    names = [task["name"] for task in tasks]
-    unknown = [str(name) for name in override if name not in names]
-    if unknown:
-        raise lines.error(("tasks", "override", unknown[0]), f"no task named {unknown[0]!r}; the suite has {names}")
+    names = entry_names(tasks)
+    for name in override:  # checked here, before merge_by_name, so that the error points at the override's line
+        if name not in names:
+            raise lines.error(("tasks", "override", str(name)), f"no task named {name!r}; the suite has {names}")
     tasks = merge_by_name(tasks, override, "tasks.override")
     for index, task in enumerate(tasks):  # a problem in an overridden value points at the override's line
         for field_name in task:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tiny_experiment import write_tiny_experiment
+from training_runs import start
 
 from alter_ds.study import (
     PUBLISH_BEGIN,
@@ -171,15 +172,7 @@ def test_report_means_spreads_and_arg_against_the_baseline_mean(workspace):
 
 def _start(study_file: Path, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "alter_ds.cli", "study", str(study_file)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start([sys.executable, "-m", "alter_ds.cli", "study", str(study_file)], cwd, env)
 
 
 @pytest.mark.slow

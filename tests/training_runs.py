@@ -31,14 +31,13 @@ def launch(workspace, output, *extra, stage="all", ranks=2, config="cfg.yaml", s
         stage,
         *extra,
     ]
+    return start(command, workspace, env)
+
+
+def start(command, cwd, env):
+    """``command`` in its own session (so a test can signal or kill its whole tree), output captured as text."""
     return subprocess.Popen(
-        command,
-        env=env,
-        cwd=workspace,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
 
 
