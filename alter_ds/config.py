@@ -64,10 +64,11 @@ def require(condition: bool, key: str | KeyPath, message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- sections
 
-RouterKind = Literal["hard", "task_weights", "gate", "token", "uniform", "fixed", "random"]
+RouterKind = Literal["hard", "task_weights", "gate", "token", "uniform", "fixed", "random", "task_embedding"]
 RouterMode = Literal["softmax", "gumbel", "st_gumbel"]
 ExpertInit = Literal["zeros", "pretrained", "expert"]
-PARAMETER_GROUPS = ("backbone", "task_experts", "shared_experts", "router")
+PARAMETER_GROUPS = ("backbone", "task_experts", "shared_experts", "router", "task_embeddings")
+EmbeddingInit = Literal["random", "inputs"]
 #: a name that is also a directory name (run names, study arms)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -251,9 +252,15 @@ class RouterConfig:
     #: task_weights/gate init: logit of a task's assigned experts vs the others (official ALTER: 0.22 / 0.20).
     prior_assigned: float = 0.22
     prior_other: float = 0.20
+    #: hidden width of the gate network (gate) and of each layer's router MLP (task_embedding)
     gate_hidden: int = 64
     #: token router: concatenate a learned task embedding of this size to each token's state (0: none).
+    #: task_embedding router: the size of the model's task-embedding table (0: the backbone's width).
     task_embedding_dim: int = 0
+    #: task_embedding router, a table this stage creates: random (N(0, 1)) or inputs (each task's mean-pooled
+    #: backbone states over its first ``embedding_examples`` training inputs; needs the backbone's width)
+    embedding_init: EmbeddingInit = "random"
+    embedding_examples: int = 32
     #: fixed router: task name -> experts (uniform weights over them).
     routes: dict[str, list[int]] = field(default_factory=dict)
     #: random router: experts per task drawn once from this seed.
@@ -268,6 +275,7 @@ class RouterConfig:
         require(self.gate_hidden >= 1, "gate_hidden", "must be >= 1")
         require(self.task_embedding_dim >= 0, "task_embedding_dim", "must be >= 0")
         require(self.random_k >= 1, "random_k", "must be >= 1")
+        require(self.embedding_examples >= 1, "embedding_examples", "must be >= 1")
         if self.kind == "fixed":
             require(bool(self.routes), "routes", "a fixed router needs routes: {task: [experts]}")
         for task, experts in self.routes.items():
@@ -298,6 +306,9 @@ class StageConfig:
     train: list[str] = field(default_factory=lambda: ["task_experts", "shared_experts", "router"])
     add_experts: AddExpertsConfig = field(default_factory=AddExpertsConfig)
     lr: float = 1e-3
+    #: a learning rate of its own for some parameter groups, e.g. {task_experts: 1e-5, router: 1e-3,
+    #: task_embeddings: 1e-2} (the task-level MoE recipe); the rest train at ``lr``. The schedule scales each.
+    group_lr: dict[str, float] = field(default_factory=dict)
     steps: int = 100
     #: where the stage starts: null (the backbone) or the name of an earlier stage (its exported model).
     init_from: str | None = None
@@ -305,6 +316,13 @@ class StageConfig:
     def validate(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for group, rate in self.group_lr.items():
+            require(
+                group in PARAMETER_GROUPS,
+                ("group_lr", group),
+                f"is not a parameter group ({', '.join(PARAMETER_GROUPS)})",
+            )
+            require(rate > 0, ("group_lr", group), f"must be > 0, got {rate}")
         require(self.steps >= 0, "steps", "must be >= 0")
         require(bool(self.train), "train", "name at least one parameter group or pattern")
 

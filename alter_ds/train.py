@@ -45,6 +45,7 @@ from alter_ds.launch import add_training_arguments
 from alter_ds.logs import RunLogger
 from alter_ds.mta.backbone import is_seq2seq, load_tokenizer
 from alter_ds.mta.model import MTAModel, build_model
+from alter_ds.mta.task_embeddings import init_from_inputs
 from alter_ds.run import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,22 +163,18 @@ def stage_model(config: ExperimentConfig, index: int, layout: RunLayout) -> MTAM
 
 def optimizer_and_schedule(model: MTAModel, stage: StageConfig, config: ExperimentConfig) -> tuple[Any, Any]:
     """AdamW with weight decay on backbone weights only: experts and routers that see no tokens in a step
-    still get a (zero) gradient under ZeRO-2, and decay would shrink them for nothing."""
-    decayed: list[torch.nn.Parameter] = []
-    plain: list[torch.nn.Parameter] = []
+    still get a (zero) gradient under ZeRO-2, and decay would shrink them for nothing. Parameter groups named
+    in ``stage.group_lr`` get their own rate; the schedule scales every rate by the same factor."""
+    grouped: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for group, _, parameter in model.named_parameter_groups():
         if parameter.requires_grad:
-            (decayed if group == "backbone" and parameter.dim() > 1 else plain).append(parameter)
-    groups = [
-        g
-        for g in (
-            {"params": decayed, "weight_decay": config.training.weight_decay},
-            {"params": plain, "weight_decay": 0.0},
-        )
-        if g["params"]
-    ]
-    if not groups:
+            decay = config.training.weight_decay if group == "backbone" and parameter.dim() > 1 else 0.0
+            grouped.setdefault((stage.group_lr.get(group, stage.lr), decay), []).append(parameter)
+    if not grouped:
         raise TrainingError(f"stage {stage.name!r} trains nothing: its train list {stage.train} matched no parameter")
+    # the stage's own rate first: the logged train/lr is the first group's
+    order = sorted(grouped, key=lambda key: (key[0] != stage.lr, key))
+    groups = [{"params": grouped[key], "lr": key[0], "weight_decay": key[1]} for key in order]
     optimizer = torch.optim.AdamW(groups, lr=stage.lr)
     warmup, total, kind = config.training.warmup_steps, max(stage.steps, 1), config.training.schedule
 
@@ -290,6 +287,15 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
     torch.manual_seed(config.seed + 1000 * index + rank)
     model = stage_model(config, index, layout)
     counts = model.apply_stage(stage)
+    collator = MultiTaskCollator(run.tokenizer.pad_token_id, run.seq2seq)
+    if (
+        stage.router.kind == "task_embedding"
+        and stage.router.embedding_init == "inputs"
+        and model.fresh_task_embeddings
+    ):
+        init_from_inputs(model, run.train_data.examples, collator, stage.router.embedding_examples)
+        if rank == 0:
+            print(f"task embeddings: each task's mean input state over {stage.router.embedding_examples} examples")
     if config.training.activation_checkpointing:
         model.activation_checkpointing_enable()
     if rank == 0:
@@ -309,7 +315,6 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
         layout.stage_dir(index).mkdir(parents=True, exist_ok=True)
         layout.deepspeed_config_file.write_text(json.dumps(ds_config, indent=2))
 
-    collator = MultiTaskCollator(run.tokenizer.pad_token_id, run.seq2seq)
     batches = TrainBatches(
         run.train_data, config.data, collator, config.training.micro_batch_size, rank, world, config.seed + index
     )

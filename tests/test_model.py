@@ -148,6 +148,39 @@ def test_add_task_later_gets_its_own_expert():
 
 
 @pytest.mark.parametrize(
+    "router",
+    [
+        RouterConfig(kind="task_weights"),
+        RouterConfig(kind="token", task_embedding_dim=3),
+        RouterConfig(kind="task_embedding", task_embedding_dim=3),
+    ],
+    ids=lambda r: r.kind,
+)
+def test_add_task_keeps_each_experts_learned_routing_when_the_shared_ones_move_up(router):
+    """A new task's expert goes after the task experts, so every shared expert's index grows by one; what a
+    router learned for a shared expert must move with it, not land on the new task's expert."""
+    model = make_model("gpt2", router=router, shared=2)  # perturbed: every router tensor differs per expert
+    before = {name: block.router.state_dict() for name, block in model.blocks.items()}
+    before = {name: {k: v.clone() for k, v in state.items()} for name, state in before.items()}
+    model.add_task("new", "classify")
+    assert model.layout.num_task_experts == 4 and model.layout.shared_experts == [4, 5]
+    moved = {0: 0, 1: 1, 2: 2, 3: 4, 4: 5}  # old expert -> its index now
+    for name, block in model.blocks.items():
+        state, axes = block.router.state_dict(), block.router.expert_axes()
+        assert axes, "the router names its expert axes"
+        for key, axis in axes.items():
+            assert state[key].shape[axis] == 6, key
+            for old, new in moved.items():
+                old_slice = before[name][key].select(axis, old)
+                new_slice = state[key].select(axis, new)
+                rows = min(old_slice.shape[0], new_slice.shape[0]) if old_slice.dim() else None
+                if rows is None:
+                    assert torch.equal(new_slice, old_slice), (name, key, old)
+                else:  # a per-task tensor gained the new task's row
+                    assert torch.equal(new_slice[:rows], old_slice[:rows]), (name, key, old)
+
+
+@pytest.mark.parametrize(
     "task_ids, message",
     [
         (None, "task_ids is required"),

@@ -299,6 +299,65 @@ def test_optimizer_offload_config_trains(workspace):
 
 
 @pytest.mark.slow
+def test_task_embedding_stage_with_inputs_init_and_group_rates(workspace, monkeypatch):
+    """The task-level MoE's stage 1 on two ranks: straight-through Gumbel over the shared table's routes,
+    the table initialised from each task's inputs, experts, routers and table at rates of their own."""
+    config = yaml.safe_load((workspace / "cfg.yaml").read_text())
+    config["run_name"] = "task-moe"
+    stage = config["stages"][0]
+    stage.update(
+        steps=6,
+        train=["task_experts", "shared_experts", "router", "task_embeddings"],
+        lr=1e-3,
+        group_lr={"task_experts": 1e-2, "shared_experts": 1e-2, "task_embeddings": 1e-1},
+        router={
+            "kind": "task_embedding",
+            "mode": "st_gumbel",
+            "temperature": 2.0,
+            "temperature_decay": 3e-4,
+            "min_temperature": 0.1,
+            "embedding_init": "inputs",
+            "embedding_examples": 4,
+        },
+    )
+    config["stages"] = [stage]
+    (workspace / "task-moe.yaml").write_text(yaml.safe_dump(config))
+    code, out = finish(launch(workspace, workspace / "task-moe", config="task-moe.yaml"))
+    assert code == 0, out[-4000:]
+    assert out.count("task embeddings: each task's mean input state over 4 examples") == 1  # rank 0 says it
+    run = workspace / "task-moe" / "task-moe"
+    assert sorted(losses(run)) == list(range(1, 7))
+    rates = [metrics(run, "train/lr")[step] for step in range(1, 7)]  # the stage's lr in warmup: group 0's
+    assert rates == pytest.approx([1e-3 * step / (WARMUP_STEPS + 1) for step in range(1, 7)])
+    from alter_ds.mta import MTAModel
+
+    trained = MTAModel.from_pretrained(run / "stage1" / "model")
+    table = trained.task_embeddings
+    assert table is not None and table.weight.shape == (len(trained.tasks), trained.config.hidden_size)
+    assert trained.router_config.kind == "task_embedding"
+    # Each row started as its task's mean input state (recomputed here from the same data and backbone) and
+    # moved at most by the table's rates: Adam moves an element by about lr per step, and the table's lr over
+    # these six warmup steps sums to 0.1 * 21 / 13 = 0.16. N(0, 1) rows would be ~1 away.
+    from alter_ds.config import load_config
+    from alter_ds.data.collate import MultiTaskCollator
+    from alter_ds.data.multitask import MultiTaskData
+    from alter_ds.mta.backbone import load_tokenizer
+    from alter_ds.mta.model import build_model
+    from alter_ds.mta.task_embeddings import init_from_inputs
+
+    monkeypatch.chdir(workspace)
+    experiment = load_config("task-moe.yaml")
+    tokenizer = load_tokenizer(experiment.model)
+    data = MultiTaskData.load(experiment.tasks, tokenizer, False, "train", experiment.data.root, experiment.seed)
+    fresh = build_model(experiment)
+    fresh.apply_stage(experiment.stages[0])
+    start = init_from_inputs(fresh, data.examples, MultiTaskCollator(tokenizer.pad_token_id, False), 4)
+    moved = float((table.weight.detach() - start).abs().max())
+    assert 1e-4 < moved < 0.2, moved
+    assert float((start[0] - start[1]).abs().max()) > 1e-3  # tasks with different inputs start apart
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["torchrun", "alter-ds train"])
 def test_torchrun_and_the_cli_start_the_same_trainer(workspace, entry):
     config = yaml.safe_load((workspace / "cfg.yaml").read_text())

@@ -20,9 +20,13 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("implementation, port", [("reference", 29517), ("cpp", 29519)])
-def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_path, implementation, port):
-    """``cpp`` forces the compiled op (an error if it is not built), ``reference`` the PyTorch one."""
+@pytest.mark.parametrize(
+    "implementation, router, port",
+    [("reference", "hard", 29517), ("cpp", "hard", 29519), ("cpp", "task_embedding", 29521)],
+)
+def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_path, implementation, router, port):
+    """``cpp`` forces the compiled op (an error if it is not built), ``reference`` the PyTorch one;
+    ``task_embedding`` routes through the model's one task table and each layer's MLP, all of them trained."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is installed with the package"
     env = dict(
@@ -41,6 +45,8 @@ def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_p
         str(HERE / "zero2_gradients.py"),
         "--out",
         str(tmp_path),
+        "--router",
+        router,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -49,3 +55,6 @@ def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_p
         assert report["world"] == 2
         assert report["max_update"] > 1e-3  # the step really moved the experts
         assert report["max_abs_diff"] < 1e-6
+        if router == "task_embedding":
+            assert "task_embeddings.weight" in report["trained"]
+            assert any(".router.mlp." in name for name in report["trained"])

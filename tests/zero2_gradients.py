@@ -32,13 +32,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--router", default="hard", choices=["hard", "task_embedding"])
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
 
-    model = make_model("gpt2", "bottleneck", RouterConfig(kind="hard"), shared=1, perturb=0.3)
-    model.set_trainable(["task_experts", "shared_experts", "router"])
+    # task_embedding: one table shared by every layer's router MLP, whose rows of tasks absent on a rank get
+    # gradient from the other rank only
+    router = RouterConfig(kind=args.router, task_embedding_dim=8 if args.router == "task_embedding" else 0)
+    model = make_model("gpt2", "bottleneck", router, shared=1, perturb=0.3)
+    model.set_trainable(["task_experts", "shared_experts", "router", "task_embeddings"])
     inputs = batch_inputs(model, batch=4)
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     halves = {r: {k: v[2 * r : 2 * r + 2] for k, v in inputs.items()} for r in range(world)}
@@ -73,7 +77,7 @@ def main() -> None:
     )
     moved = max(float((expected[name] - reference[name]).abs().max()) for name in expected)
     Path(args.out, f"rank{rank}.json").write_text(
-        json.dumps({"max_abs_diff": worst, "max_update": moved, "world": world})
+        json.dumps({"max_abs_diff": worst, "max_update": moved, "world": world, "trained": sorted(expected)})
     )
 
 

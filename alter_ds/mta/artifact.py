@@ -41,9 +41,16 @@ BACKBONE_DIR = "backbone"
 PRETRAINED_FFN_PREFIX = "mta_pretrained_ffn."
 
 
+#: the key of the model's task-embedding table among the MTA tensors
+TASK_EMBEDDINGS_KEY = "task_embeddings.weight"
+
+
 def mta_state_dict(model: MTAModel) -> dict[str, torch.Tensor]:
-    """Every MTA tensor (experts, routers, their persistent buffers), keyed ``<block>.<name>``."""
+    """Every MTA tensor (experts, routers, their persistent buffers), keyed ``<block>.<name>``, and the
+    task-embedding table when the model has one."""
     state: dict[str, torch.Tensor] = {}
+    if model.task_embeddings is not None:
+        state[TASK_EMBEDDINGS_KEY] = model.task_embeddings.weight.detach().contiguous().clone()
     for block_name, block in model.blocks.items():
         for key, tensor in block.state_dict().items():
             state[f"{block_name}.{key}"] = tensor.detach().contiguous().clone()
@@ -276,6 +283,21 @@ def _reshape_block(
 
 def load_mta_state_dict(model: MTAModel, state: dict[str, torch.Tensor]) -> None:
     """Load ``mta_state_dict`` output strictly: every block must get exactly its tensors."""
+    table = state.get(TASK_EMBEDDINGS_KEY)
+    if table is not None:
+        if model.task_embeddings is not None and model.task_embeddings.weight.shape != table.shape:
+            raise UsageError(
+                f"task-embedding table of shape {tuple(table.shape)} for a model whose table is "
+                f"{tuple(model.task_embeddings.weight.shape)}"
+            )
+        if table.shape[0] != len(model.tasks):
+            raise UsageError(f"task-embedding table has {table.shape[0]} rows for {len(model.tasks)} tasks")
+        model.ensure_task_embeddings(table.shape[1])
+        with torch.no_grad():
+            typing.cast(nn.Embedding, model.task_embeddings).weight.copy_(table)
+        model.fresh_task_embeddings = False
+    elif model.task_embeddings is not None:
+        raise UsageError(f"MTA weights lack {TASK_EMBEDDINGS_KEY}, which this model's task_embedding routers read")
     for block_name, block in model.blocks.items():
         prefix = f"{block_name}."
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -283,7 +305,7 @@ def load_mta_state_dict(model: MTAModel, state: dict[str, torch.Tensor]) -> None
         if missing or unexpected:
             raise UsageError(f"MTA weights for block {block_name}: missing {missing}, unexpected {unexpected}")
     known = tuple(f"{name}." for name in model.blocks)
-    stray = [k for k in state if not k.startswith(known)]
+    stray = [k for k in state if not k.startswith(known) and k != TASK_EMBEDDINGS_KEY]
     if stray:
         raise UsageError(f"MTA weights for blocks this model does not have: {stray[:5]}")
 

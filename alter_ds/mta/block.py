@@ -35,6 +35,8 @@ class RoutingContext:
     prompt_features: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, cached in generate
     step: int = 0
     replaying: bool = False  # an activation-checkpointing recompute: the routing is the forward's, not recorded
+    #: the model's task-embedding table (task_embedding routers read it); owned by MTAModel, kept across calls
+    task_embeddings: nn.Embedding | None = None
 
     def reset(self, task_ids: torch.Tensor | None, prompt_mask: torch.Tensor | None, generating: bool) -> None:
         self.task_ids = task_ids
@@ -91,6 +93,12 @@ class RoutingContext:
         routed_checkpoint.routes_mta = True  # type: ignore[attr-defined]
         return routed_checkpoint
 
+    def task_table(self) -> torch.Tensor:
+        """``[tasks, dim]``: the table every task_embedding router of the model reads."""
+        if self.task_embeddings is None:
+            raise RuntimeError("this model has no task-embedding table (MTAModel.ensure_task_embeddings makes it)")
+        return self.task_embeddings.weight
+
     def rows(self, tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
         """Expand per-example data to ``batch`` rows: generate repeats each example for beams/samples."""
         if tensor.shape[0] == batch:
@@ -98,6 +106,17 @@ class RoutingContext:
         if tensor.shape[0] and batch % tensor.shape[0] == 0:
             return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
         raise ValueError(f"{what} has {tensor.shape[0]} rows but the layer sees a batch of {batch}")
+
+
+def _moved_experts(old: ExpertLayout, new: ExpertLayout) -> dict[int, int] | None:
+    """Old expert index -> new index when experts were added (task experts stay, shared ones shift past the
+    added task experts); None when the stack did not grow that way."""
+    if new.num_task_experts < old.num_task_experts or new.num_shared_experts < old.num_shared_experts:
+        return None
+    moved = {e: e for e in range(old.num_task_experts)}
+    shift = new.num_task_experts - old.num_task_experts
+    moved.update({e: e + shift for e in range(old.num_task_experts, old.num_experts)})
+    return moved
 
 
 def pool_prompt(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -139,12 +158,12 @@ class MTABlock(nn.Module):
         self.shared_experts = shared_experts
         self.layout = layout
         self.task_names = task_names
-        self.router: Router = build_router(router_config, layout, task_experts.width, task_names)
+        object.__setattr__(self, "context", context)  # shared plain object, not a submodule
+        self.router: Router = build_router(router_config, layout, task_experts.width, task_names, context)
         self.residual = residual
         self.dropout = nn.Dropout(dropout)
         self.scaling = scaling
         self.is_encoder_decoder = is_encoder_decoder
-        object.__setattr__(self, "context", context)  # shared plain object, not a submodule
         # fp32 accumulators kept outside the module's buffers: a bf16 cast of the model must not round counts
         self.usage_sum: torch.Tensor | None = None
         self.usage_count: torch.Tensor | None = None
@@ -280,18 +299,30 @@ class MTABlock(nn.Module):
         """Switch the router (stage change, experts added), carrying over every parameter whose name matches.
 
         Overlapping slices are copied, so task logits learned in a task_weights stage seed a gate stage and
-        keep their values when experts are added (new columns start at the prior).
+        keep their values when experts are added (new columns start at the prior). Along a router's expert
+        axes each expert's slice goes to that expert's new index: a task expert added before the shared ones
+        moves them up by one.
         """
-        old = self.router
+        old, old_layout = self.router, self.layout
         self.layout = layout or self.layout
-        new = build_router(config, self.layout, self.task_experts.width, self.task_names)
+        new = build_router(config, self.layout, self.task_experts.width, self.task_names, self.context)
         old_state = old.state_dict()
+        moved = _moved_experts(old_layout, self.layout)
+        axes = new.expert_axes() if type(new) is type(old) else {}
         with torch.no_grad():
             for name, tensor in new.state_dict().items():
-                if name in old_state and old_state[name].dim() == tensor.dim():
-                    source = old_state[name]
+                if name not in old_state or old_state[name].dim() != tensor.dim():
+                    continue
+                source = old_state[name]
+                axis = axes.get(name)
+                if axis is None or moved is None or source.shape[axis] != old_layout.num_experts:
                     index = tuple(slice(0, min(a, b)) for a, b in zip(tensor.shape, source.shape))
                     tensor[index].copy_(source[index])
+                    continue
+                for old_expert, new_expert in moved.items():
+                    target, origin = tensor.select(axis, new_expert), source.select(axis, old_expert)
+                    index = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, origin.shape))
+                    target[index].copy_(origin[index])
         reference = self.task_experts.w_down
         self.router = new.to(device=reference.device)
         self.usage_sum = self.usage_count = None

@@ -27,6 +27,16 @@ from alter_ds.mta.inject import inject_mta
 from alter_ds.mta.routers import ExpertLayout
 
 
+def hidden_width(backbone: nn.Module) -> int:
+    """The width of the backbone's hidden states (what its layers, and so its MTA blocks, read and write)."""
+    config = getattr(backbone, "config", None)
+    for key in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(typing.cast(Any, backbone).get_input_embeddings().embedding_dim)
+
+
 def build_layout(config: MTAConfig, tasks: Sequence[TaskConfig]) -> ExpertLayout:
     """Task experts (one per task unless configured) and each task's assigned experts (the prior map)."""
     num_task_experts = config.num_task_experts or len(tasks)
@@ -74,6 +84,11 @@ class MTAModel(nn.Module):
         self.router_config = router or RouterConfig()
         self.backbone_reference = backbone_reference
         self.context = RoutingContext()
+        self.task_embeddings: nn.Embedding | None = None
+        #: the table was made here, not loaded: a stage may initialise it (embedding_init: inputs)
+        self.fresh_task_embeddings = False
+        if self.router_config.kind == "task_embedding":
+            self.ensure_task_embeddings(self.router_config.task_embedding_dim)
         result = inject_mta(backbone, mta_config, self.router_config, self.layout, self.task_names, self.context)
         self._blocks = result.blocks  # also submodules of the backbone; kept here by name, not re-registered
         self._hooks = result.hooks
@@ -196,14 +211,37 @@ class MTAModel(nn.Module):
         finally:
             self.context.reset(None, None, generating=False)
 
+    def ensure_task_embeddings(self, dim: int = 0) -> nn.Embedding:
+        """The model's task-embedding table ``[tasks, dim]`` (0: the backbone's width), made N(0, 1) if absent.
+
+        One table for the whole model: every task_embedding router reads it through the routing context.
+        """
+        width = dim or hidden_width(self.backbone)
+        table = self.task_embeddings
+        if table is None:
+            reference = next(self.backbone.parameters())
+            table = nn.Embedding(len(self.tasks), width, device=reference.device, dtype=reference.dtype)
+            nn.init.normal_(table.weight)
+            self.task_embeddings = table
+            self.fresh_task_embeddings = True
+        elif table.embedding_dim != width:
+            raise UsageError(
+                f"router.task_embedding_dim is {width}, but this model's task-embedding table has {table.embedding_dim}"
+            )
+        self.context.task_embeddings = table
+        return table
+
     def set_step(self, step: int) -> None:
         """The optimizer step the temperature schedules read."""
         self.context.step = int(step)
 
     # ---------------------------------------------------------------------------- parameter groups
     def named_parameter_groups(self) -> Iterator[tuple[str, str, nn.Parameter]]:
-        """(group, name, parameter) for every parameter; groups: backbone, task_experts, shared_experts, router."""
+        """(group, name, parameter) for every parameter; groups: backbone, task_experts, shared_experts, router,
+        task_embeddings."""
         owners: dict[int, str] = {}
+        if self.task_embeddings is not None:
+            owners[id(self.task_embeddings.weight)] = "task_embeddings"
         for block in self.blocks.values():
             for group, module in (
                 ("task_experts", block.task_experts),

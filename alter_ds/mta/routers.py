@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,12 @@ class ExpertLayout:
     @property
     def shared_experts(self) -> list[int]:
         return list(range(self.num_task_experts, self.num_experts))
+
+
+class TaskTableSource(Protocol):
+    """Where a task_embedding router finds the model's task-embedding table (the model's routing context)."""
+
+    def task_table(self) -> torch.Tensor: ...
 
 
 def temperature_at(config: RouterConfig, step: int) -> float:
@@ -108,6 +115,11 @@ class Router(nn.Module):
     def exported_state(self, task: int, kept: list[int]) -> dict[str, torch.Tensor]:
         """The state of this router kind reduced to one task and the ``kept`` experts (see MTAModel.export_task)."""
         raise NotImplementedError
+
+    def expert_axes(self) -> dict[str, int]:
+        """{state key: its axis over the whole expert stack}, so that learned state follows each expert when
+        the stack changes shape (a new task expert moves every shared expert up by one)."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"kind={self.config.kind}, experts={self.layout.num_experts}, tasks={self.layout.num_tasks}"
@@ -239,6 +251,9 @@ class TaskWeightsRouter(TaskLevelRouter):
         super().__init__(config, layout, width)
         self.task_logits = nn.Parameter(prior_logits(config, layout, layout.num_experts))
 
+    def expert_axes(self) -> dict[str, int]:
+        return {"task_logits": 1}
+
     def mixture_rows(self, step: int) -> torch.Tensor:
         weights = _relaxed(self.task_logits, self.config, temperature_at(self.config, step), training=False)
         return _scatter_top_k(weights, self.config.top_k)
@@ -319,6 +334,9 @@ class TokenRouter(Router):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
+    def expert_axes(self) -> dict[str, int]:
+        return {"gate.weight": 0, "gate.bias": 0}
+
     def forward(
         self, hidden: torch.Tensor, task_ids: torch.Tensor, features: torch.Tensor | None, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,6 +357,56 @@ class TokenRouter(Router):
         return state
 
 
+class TaskEmbeddingRouter(TaskLevelRouter):
+    """The task-level MoE router: the model's task-embedding table (one vector per task, shared by every
+    layer) through this layer's MLP (embedding -> gate_hidden -> GELU -> experts), then softmax, Gumbel-softmax
+    or straight-through hard Gumbel at the scheduled temperature. Gumbel noise is drawn per example.
+
+    The table belongs to the model, not to any one router (``source.task_table()`` returns it), so what one
+    layer learns about a task moves its vector for every layer, and a new task is one new row.
+    """
+
+    source: TaskTableSource
+
+    def __init__(self, config: RouterConfig, layout: ExpertLayout, width: int, source: TaskTableSource | None):
+        super().__init__(config, layout, width)
+        if source is None:
+            raise UsageError(
+                "router kind 'task_embedding' reads the model's task-embedding table: build it in MTAModel"
+            )
+        object.__setattr__(self, "source", source)  # shared with the model, not a submodule of this router
+        self.embedding_dim = dim = config.task_embedding_dim or width
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, config.gate_hidden), nn.GELU(), nn.Linear(config.gate_hidden, layout.num_experts)
+        )
+
+    def expert_axes(self) -> dict[str, int]:
+        return {"mlp.2.weight": 0, "mlp.2.bias": 0}
+
+    def task_logits(self) -> torch.Tensor:
+        """``[tasks, experts]`` logits of every task (the table is small: computing all rows is cheap)."""
+        table = self.source.task_table()
+        if table.shape != (self.layout.num_tasks, self.embedding_dim):
+            raise RuntimeError(
+                f"task-embedding table is {tuple(table.shape)}; this router expects "
+                f"({self.layout.num_tasks}, {self.embedding_dim})"
+            )
+        return self.mlp(table.to(next(self.mlp.parameters()).dtype))
+
+    def mixture_rows(self, step: int) -> torch.Tensor:
+        weights = _relaxed(self.task_logits(), self.config, temperature_at(self.config, step), training=False)
+        return _scatter_top_k(weights, self.config.top_k)
+
+    def forward(
+        self, hidden: torch.Tensor, task_ids: torch.Tensor, features: torch.Tensor | None, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.task_logits()[task_ids].to(hidden.dtype)
+        weights = _relaxed(logits, self.config, temperature_at(self.config, step), self.training)
+        if self.config.mode == "st_gumbel":
+            return _sparse_straight_through(weights)
+        return _top_k(weights, self.config.top_k)
+
+
 ROUTERS: dict[str, type[Router]] = {
     "hard": HardRouter,
     "task_weights": TaskWeightsRouter,
@@ -347,11 +415,22 @@ ROUTERS: dict[str, type[Router]] = {
     "uniform": UniformRouter,
     "fixed": FixedRouter,
     "random": RandomRouter,
+    "task_embedding": TaskEmbeddingRouter,
 }
 
 
-def build_router(config: RouterConfig, layout: ExpertLayout, width: int, task_names: list[str]) -> Router:
-    """The router of ``config.kind`` over ``layout``; a clear error when the layout cannot support it."""
+def build_router(
+    config: RouterConfig,
+    layout: ExpertLayout,
+    width: int,
+    task_names: list[str],
+    tables: TaskTableSource | None = None,
+) -> Router:
+    """The router of ``config.kind`` over ``layout``; a clear error when the layout cannot support it.
+
+    ``tables`` gives the model's task-embedding table, which the task_embedding kind reads."""
+    if config.kind == "task_embedding":
+        return TaskEmbeddingRouter(config, layout, width, tables)
     if config.kind == "fixed":
         for name in config.routes:
             if name not in task_names:

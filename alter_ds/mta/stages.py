@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 def set_router(model: MTAModel, config: RouterConfig) -> None:
     """Give every block a router of this config (learned state carried over where names match)."""
+    if config.kind == "task_embedding":
+        model.ensure_task_embeddings(config.task_embedding_dim)
     for block in model.blocks.values():
         block.set_router(config, model.layout)
     model.router_config = config
@@ -44,7 +46,6 @@ def add_shared_experts(model: MTAModel, count: int, init: str = "zeros", source_
             block.shared_experts = block.shared_experts.resized(old + count)
             new = slice(old, old + count)
         _init_new_experts(block, block.shared_experts, new, init, source_expert)
-        block.layout = model.layout
     set_router(model, model.router_config)
 
 
@@ -63,10 +64,20 @@ def add_task(
         model.layout.num_shared_experts,
         [*model.layout.task_experts, [new_expert]],
     )
+    if model.task_embeddings is not None:  # the new task's vector starts at the mean of the known ones
+        old_table = model.task_embeddings
+        table = torch.nn.Embedding(
+            len(model.tasks), old_table.embedding_dim, device=old_table.weight.device, dtype=old_table.weight.dtype
+        )
+        with torch.no_grad():
+            table.weight[:-1].copy_(old_table.weight)
+            table.weight[-1].copy_(old_table.weight.mean(0))
+        table.weight.requires_grad_(old_table.weight.requires_grad)
+        model.task_embeddings = table
+        model.context.task_embeddings = table
     for block in model.blocks.values():
         block.task_experts = block.task_experts.resized(new_expert + 1)
         _init_new_experts(block, block.task_experts, slice(new_expert, new_expert + 1), init, source_expert)
-        block.layout = model.layout
     set_router(model, model.router_config)
     return len(model.tasks) - 1
 
