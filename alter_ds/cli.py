@@ -113,6 +113,15 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from alter_ds.analysis import analyze_run, format_analysis
+
+    result, written = analyze_run(args.run_dir, args.stage)
+    print(format_analysis(result))
+    print("wrote " + ", ".join(str(path) for path in written) + " and TensorBoard's analysis/ tab")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -175,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluation.add_argument("--split", default="test", choices=["dev", "test"])
     evaluation.add_argument("--max-examples", type=int, default=None, help="per task")
     evaluation.set_defaults(run=_evaluate_run)
+    analysis = commands.add_parser("analyze", help="what a finished stage's router learned, against task categories")
+    analysis.add_argument("run_dir")
+    analysis.add_argument("--stage", default=None, help="stage number or name (default: the last one)")
+    analysis.set_defaults(run=_analyze)
     study = commands.add_parser("study", help="arms x seeds through the trainer, scored on the same test examples")
     study.add_argument("study", help="study YAML (see configs/study/)")
     study.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")

@@ -3,7 +3,7 @@
 The trainer writes these paths, and evaluation, studies and resumption read them; each used to spell them
 out, and an unknown stage got a different answer from each.
 
-    runs/<run_name>/config.yaml  ds_config.json  tb/  eval/
+    runs/<run_name>/config.yaml  ds_config.json  tb/  eval/  analysis/
                    stage<i>/checkpoints/  model/  metrics.jsonl  summary.json
 """
 
@@ -63,6 +63,14 @@ class RunLayout:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    def routing_file(self, name: str) -> Path:
+        """The routing an evaluation named ``name`` saw (a stage's name: its dev evaluation at the end)."""
+        return self.eval_dir / f"{name}_routing.json"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
 
     def stage_dir(self, index: int) -> Path:
         return self.root / f"stage{index + 1}"

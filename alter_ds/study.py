@@ -370,8 +370,10 @@ def collect(study: Study) -> dict[str, Any]:
         arm = arms.setdefault(run.arm, {"seeds": {}, "stages": []})
         arm["seeds"][str(run.seed)] = record
         arm["stages"] = list(record["stages"])
+        categories = {t.name: t.category for t in study.experiments[(run.arm, run.seed)].tasks}
         for task, result in record["stages"][record["final_stage"]]["tasks"].items():
-            tasks[task] = {"metric": result["metric"], "examples": result["examples"]}
+            category = categories.get(task, "default")
+            tasks[task] = {"metric": result["metric"], "examples": result["examples"], "category": category}
     for task in tasks.values():
         n = task["examples"]
         task["accuracy_95ci_half_width_at_50pct"] = round(100 * 1.96 * math.sqrt(0.25 / n), 2) if n else None
@@ -417,9 +419,10 @@ def collect(study: Study) -> dict[str, Any]:
 
 def report(study: Study) -> dict[str, Any]:
     """Write results.json, results.md and the figures from the finished runs; returns the results."""
-    from alter_ds.study_report import write_figures, write_markdown
+    from alter_ds.study_report import best_routing_analysis, write_figures, write_markdown
 
     results = collect(study)
+    results["routing_analysis"] = best_routing_analysis(results)
     _write_atomic(study.root / "results.json", json.dumps(_without_nan(results), indent=2))
     figures = write_figures(study, results)
     _write_atomic(study.root / "results.md", write_markdown(results, figures))

@@ -2,8 +2,9 @@
 
 Markdown: the headline (ARG of each arm against the baseline, with the seed spread), per-task scores
 (mean ± std over seeds), per-task deltas against the baseline, and what the second stage of two-stage arms
-adds. Figures (PNG): per-task bars with the seed spread, training loss per arm, and the routing of the best
-arm that routes between experts.
+adds, and how the best routing arm's routes relate to the tasks' declared categories (``alter_ds.analysis``).
+Figures (PNG): per-task bars with the seed spread, training loss per arm, and the routing of the best arm that
+routes between experts (per layer, and grouped by category with the clustering beside it).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def write_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
         for name, arm in staged.items():
             for stage in arm["stages"]:
                 lines.append(f"| {name} | {stage} | {_arg_cell(arm['arg'][stage]) if 'arg' in arm else '-'} |")
+    lines += _routing_lines(results.get("routing_analysis"))
     half_widths = {t["accuracy_95ci_half_width_at_50pct"] for t in tasks.values()}
     lines += [
         "",
@@ -90,6 +92,65 @@ def write_markdown(results: dict[str, Any], figures: dict[str, str]) -> str:
     for title, path in figures.items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def best_routing_analysis(results: dict[str, Any]) -> dict[str, Any] | None:
+    """``alter_ds.analysis`` of the best routing arm's routes (on the study's split) against the categories."""
+    import dataclasses
+
+    from alter_ds.analysis import analyze
+
+    best = _best_routing_arm(results)
+    if best is None:
+        return None
+    name, record = best
+    final = record["final_stage"]
+    routing = _routing_of(results, record)
+    return {"arm": name, "seed": record["seed"], "stage": final, **dataclasses.asdict(analyze(routing))}
+
+
+def _routing_of(results: dict[str, Any], record: dict[str, Any]) -> Any:
+    import numpy as np
+
+    from alter_ds.analysis import Routing
+
+    tasks = list(results["tasks"])
+    categories = [results["tasks"][t].get("category", "default") for t in tasks]
+    matrices = record["stages"][record["final_stage"]]["routing"]
+    return Routing(tasks, categories, {layer: np.asarray(m, dtype=np.float64) for layer, m in matrices.items()})
+
+
+def _routing_lines(analysis: dict[str, Any] | None) -> list[str]:
+    if not analysis:
+        return []
+    lines = ["", f"## What `{analysis['arm']}` routes by (seed {analysis['seed']}, {analysis['stage']})", ""]
+    if analysis["adjusted_rand_index"] is None:
+        lines.append("The tasks declare one category only, so there is nothing to score the routes against.")
+    else:
+        chance = analysis["chance"]
+        lines.append(
+            "Tasks clustered by their routing vectors (average linkage over every layer's rows), cut into as many "
+            f"clusters as there are declared categories: ARI {analysis['adjusted_rand_index']:.3f}, NMI "
+            f"{analysis['normalized_mutual_info']:.3f} against the categories. Random routes of the same shape "
+            f"score ARI {chance['ari_mean']:.3f} on average (95th percentile {chance['ari_p95']:.3f}), NMI "
+            f"{chance['nmi_mean']:.3f} ({chance['nmi_p95']:.3f})."
+        )
+    groups: dict[int, list[str]] = {}
+    for task, cluster in zip(analysis["tasks"], analysis["clusters"]):
+        groups.setdefault(cluster, []).append(task)
+    lines += ["", "| cluster | tasks (category) |", "|---|---|"]
+    category = dict(zip(analysis["tasks"], analysis["categories"]))
+    for number, members in enumerate(groups.values(), start=1):
+        lines.append(f"| {number} | {', '.join(f'{t} ({category[t]})' for t in members)} |")
+    balance = list(analysis["expert_balance"].values())
+    if balance:
+        lines += [
+            "",
+            f"Expert balance per layer (1 = every expert gets the same traffic): min {min(balance):.2f}, "
+            f"mean {sum(balance) / len(balance):.2f}.",
+        ]
+    lines += [f"Warning: {w}" for w in analysis["warnings"]]
+    return lines
 
 
 def write_figures(study: Any, results: dict[str, Any]) -> dict[str, str]:
@@ -162,6 +223,12 @@ def write_figures(study: Any, results: dict[str, Any]) -> dict[str, str]:
         figure.savefig(root / "routing.png", dpi=110)
         plt.close(figure)
         figures[f"routing of {name}"] = "routing.png"
+        from alter_ds.analysis import routing_heatmap
+
+        figure = routing_heatmap(_routing_of(results, record), f"{name}: routing by category, and its clustering")
+        figure.savefig(root / "routing_categories.png", dpi=110)
+        plt.close(figure)
+        figures[f"routing of {name} by category"] = "routing_categories.png"
     return figures
 
 

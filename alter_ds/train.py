@@ -548,7 +548,7 @@ def _evaluate(model: MTAModel, run: RunContext, config: ExperimentConfig, name: 
         config.training.eval_max_examples,
     )
     usage = _gathered_usage(model, run.device)
-    run.logger.routing(usage, step, f"eval/{name}", heatmap=True, save_to=run.layout.eval_dir / f"{name}_routing")
+    run.logger.routing(usage, step, f"eval/{name}", heatmap=True, save_to=run.layout.routing_file(name))
     if run.rank == 0:
         run.logger.scalars({f"eval/{t}/{r['metric']}": r["score"] for t, r in results.items()}, step)
         out = run.layout.eval_dir

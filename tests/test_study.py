@@ -164,8 +164,10 @@ def test_report_means_spreads_and_arg_against_the_baseline_mean(workspace):
     assert "| mta | 2 | 15.00 ± 7.07 | 1,000 + 1,000 | 1.8 |" in markdown  # (90 s + 120 s) / 2 in steps
     assert "| a | +9.0 |" in markdown  # mta's mean on a (69) minus the baseline's (60)
     assert "| mta | stage1 | 0.00 ± 0.00 |" in markdown
-    for png in ("per_task.png", "train_loss.png", "routing.png"):
+    for png in ("per_task.png", "train_loss.png", "routing.png", "routing_categories.png"):
         assert (study.root / png).stat().st_size > 5_000, png
+    assert results["routing_analysis"]["arm"] == "mta" and results["routing_analysis"]["seed"] in (0, 1)
+    assert "## What `mta` routes by" in markdown and "declare one category only" in markdown
     saved = json.loads((study.root / "results.json").read_text())
     assert saved["arms"]["mta"]["arg"]["stage2"]["mean"] == pytest.approx(0.15)
 
