@@ -170,10 +170,12 @@ class DataConfig:
 class MTAConfig:
     """Where the Mixture-of-Task-Adapters goes and what its expert banks hold."""
 
-    expert_kind: Literal["bottleneck", "ffn"] = "bottleneck"
+    #: bottleneck adapters, copies of the pretrained FFN (ALTER), or copies of the whole layer (task-level MoE)
+    expert_kind: Literal["bottleneck", "ffn", "layer"] = "bottleneck"
     #: after_ffn / after_attention: a residual bottleneck on that sub-layer's output; replace_ffn: experts
-    #: take the place of the feed-forward sub-layer (required by, and the default for, ``ffn`` experts).
-    position: Literal["after_ffn", "after_attention", "replace_ffn"] | None = None
+    #: take the place of the feed-forward sub-layer (required by, and the default for, ``ffn`` experts);
+    #: replace_layer: copies of the layer take its place (required by, and the default for, ``layer`` experts).
+    position: Literal["after_ffn", "after_attention", "replace_ffn", "replace_layer"] | None = None
     #: "all", "middle" (one layer, index L // 2), explicit layer indices, or "none"; per stack below when
     #: given. "none" everywhere is the plain backbone without MTA (the full fine-tuning baseline).
     layers: str | list[int] = "all"
@@ -190,11 +192,13 @@ class MTAConfig:
     shared_init: Literal["zeros", "pretrained"] = "zeros"
     dropout: float = 0.0
     scaling: float = 1.0
+    #: layer experts: each copy starts as the pretrained layer plus Gaussian noise of this std
+    layer_noise: float = 1e-8
 
     def resolved_position(self) -> str:
         if self.position is not None:
             return self.position
-        return "replace_ffn" if self.expert_kind == "ffn" else "after_ffn"
+        return {"ffn": "replace_ffn", "layer": "replace_layer"}.get(self.expert_kind, "after_ffn")
 
     def injects_nothing(self) -> bool:
         """No MTA block anywhere, asked for explicitly: the model is the bare backbone."""
@@ -213,6 +217,17 @@ class MTAConfig:
         )
         require(self.num_task_experts is None or self.num_task_experts >= 1, "num_task_experts", "must be >= 1")
         require(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
+        require(self.layer_noise >= 0, "layer_noise", "must be >= 0")
+        if self.expert_kind == "layer":
+            require(self.resolved_position() == "replace_layer", "position", "layer experts replace the layer")
+            require(
+                self.num_task_experts is not None,
+                "num_task_experts",
+                "layer experts need the number of copies per layer (the task-level MoE uses 3)",
+            )
+            require(self.num_shared_experts == 0, "num_shared_experts", "layer experts have no shared experts")
+        else:
+            require(self.position != "replace_layer", "position", "replace_layer needs expert_kind: layer")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(math.isfinite(self.scaling), "scaling", "must be finite")
         require(
@@ -305,6 +320,9 @@ class StageConfig:
     #: parameter groups (backbone, task_experts, shared_experts, router) or fnmatch patterns on names.
     train: list[str] = field(default_factory=lambda: ["task_experts", "shared_experts", "router"])
     add_experts: AddExpertsConfig = field(default_factory=AddExpertsConfig)
+    #: start every expert again before training (the task-level MoE's stage 2: layer and FFN copies from the
+    #: pretrained weights, adapters at zero output) while the routes carry over
+    reset_experts: bool = False
     lr: float = 1e-3
     #: a learning rate of its own for some parameter groups, e.g. {task_experts: 1e-5, router: 1e-3,
     #: task_embeddings: 1e-2} (the task-level MoE recipe); the rest train at ``lr``. The schedule scales each.

@@ -93,12 +93,21 @@ def family(request):
 
 
 @pytest.mark.parametrize(
-    "kind, position", [("bottleneck", "after_ffn"), ("bottleneck", "after_attention"), ("ffn", "replace_ffn")]
+    "kind, position",
+    [
+        ("bottleneck", "after_ffn"),
+        ("bottleneck", "after_attention"),
+        ("ffn", "replace_ffn"),
+        ("layer", "replace_layer"),
+    ],
 )
 def test_every_family_runs_forward_save_load_and_generate(family, kind, position, tmp_path):
     backbone = tiny(family)
     reference = copy.deepcopy(backbone)
-    mta = MTAConfig(expert_kind=kind, num_shared_experts=1, shared_init="pretrained" if kind == "ffn" else "zeros")
+    if kind == "layer":  # three copies of each layer, no shared experts
+        mta = MTAConfig(expert_kind=kind, num_task_experts=3)
+    else:
+        mta = MTAConfig(expert_kind=kind, num_shared_experts=1, shared_init="pretrained" if kind == "ffn" else "zeros")
     mta.position = position
     router = RouterConfig(kind="task_weights", temperature=0.1) if kind == "ffn" else RouterConfig(kind="hard")
     model = MTAModel(backbone, mta, TASKS, router).eval()

@@ -21,12 +21,20 @@ HERE = Path(__file__).parent
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "implementation, router, port",
-    [("reference", "hard", 29517), ("cpp", "hard", 29519), ("cpp", "task_embedding", 29521)],
+    "implementation, router, experts, port",
+    [
+        ("reference", "hard", "bottleneck", 29517),
+        ("cpp", "hard", "bottleneck", 29519),
+        ("cpp", "task_embedding", "bottleneck", 29521),
+        ("reference", "hard", "layer", 29523),  # hard: rank 0 routes to copy 0 only, rank 1 to copies 1 and 2
+    ],
 )
-def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_path, implementation, router, port):
+def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(
+    tmp_path, implementation, router, experts, port
+):
     """``cpp`` forces the compiled op (an error if it is not built), ``reference`` the PyTorch one;
-    ``task_embedding`` routes through the model's one task table and each layer's MLP, all of them trained."""
+    ``task_embedding`` routes through the model's one task table and each layer's MLP, all of them trained;
+    ``layer`` holds three copies of each layer as separate modules, which dense mixing keeps correct."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is installed with the package"
     env = dict(
@@ -47,6 +55,8 @@ def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_p
         str(tmp_path),
         "--router",
         router,
+        "--experts",
+        experts,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -58,3 +68,5 @@ def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(tmp_p
         if router == "task_embedding":
             assert "task_embeddings.weight" in report["trained"]
             assert any(".router.mlp." in name for name in report["trained"])
+        if experts == "layer":
+            assert sum(".task_experts.experts.2." in name for name in report["trained"]) > 4  # copy 2 trains

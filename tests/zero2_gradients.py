@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
     parser.add_argument("--router", default="hard", choices=["hard", "task_embedding"])
+    parser.add_argument("--experts", default="bottleneck", choices=["bottleneck", "layer"])
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -41,7 +42,10 @@ def main() -> None:
     # task_embedding: one table shared by every layer's router MLP, whose rows of tasks absent on a rank get
     # gradient from the other rank only
     router = RouterConfig(kind=args.router, task_embedding_dim=8 if args.router == "task_embedding" else 0)
-    model = make_model("gpt2", "bottleneck", router, shared=1, perturb=0.3)
+    if args.experts == "layer":  # three copies of every layer, all run on every rank (dense mixing)
+        model = make_model("gpt2", "layer", router, shared=0, perturb=0.3, num_task_experts=3)
+    else:
+        model = make_model("gpt2", "bottleneck", router, shared=1, perturb=0.3)
     model.set_trainable(["task_experts", "shared_experts", "router", "task_embeddings"])
     inputs = batch_inputs(model, batch=4)
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])

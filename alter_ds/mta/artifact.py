@@ -25,6 +25,7 @@ from torch import nn
 from alter_ds.config import MTAConfig, RouterConfig, TaskConfig, config_from_dict
 from alter_ds.errors import MissingFileError, UsageError
 from alter_ds.mta.experts import FeedForwardWeights, concat_banks
+from alter_ds.mta.layer_experts import LayerBank
 from alter_ds.mta.routers import ExpertLayout, GateRouter, TaskLevelRouter, TokenRouter, frozen_config
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ WEIGHTS_FILE = "mta.safetensors"
 BACKBONE_DIR = "backbone"
 #: saved with a backbone: the FFN each ffn bank was copied from (replace_ffn removes it from the backbone)
 PRETRAINED_FFN_PREFIX = "mta_pretrained_ffn."
+#: saved with a backbone: the layer each layer bank was copied from (replace_layer removes it)
+PRETRAINED_LAYER_PREFIX = "mta_pretrained_layer."
 
 
 #: the key of the model's task-embedding table among the MTA tensors
@@ -102,6 +105,10 @@ def _saved_backbone(model: MTAModel) -> dict[str, torch.Tensor]:
     removed those from the backbone, and experts added later with ``init: pretrained`` need them."""
     state = model.backbone_state_dict()
     for name, block in model.blocks.items():
+        if isinstance(block.task_experts, LayerBank):
+            for key, tensor in block.task_experts.pretrained_layer().state_dict().items():
+                state[f"{PRETRAINED_LAYER_PREFIX}{name}.{key}"] = tensor.detach().contiguous().clone()
+            continue
         source = block.task_experts.pretrained()
         if source is None:
             continue
@@ -239,6 +246,12 @@ def load_model(
             k[len(PRETRAINED_FFN_PREFIX) :]: saved.pop(k) for k in list(saved) if k.startswith(PRETRAINED_FFN_PREFIX)
         }
         _restore_pretrained_ffn(model, pretrained)
+        layers = {
+            k[len(PRETRAINED_LAYER_PREFIX) :]: saved.pop(k)
+            for k in list(saved)
+            if k.startswith(PRETRAINED_LAYER_PREFIX)
+        }
+        _restore_pretrained_layers(model, layers)
         expected = backbone_state_dict(model)
         if set(saved) != set(expected):
             missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
@@ -266,6 +279,18 @@ def _restore_pretrained_ffn(model: MTAModel, tensors: dict[str, torch.Tensor]) -
                     block.task_experts.activation,
                 )
             )
+
+
+def _restore_pretrained_layers(model: MTAModel, tensors: dict[str, torch.Tensor]) -> None:
+    """A saved backbone's layer banks get back the pretrained layer they were copied from (the backbone built
+    from its config holds a random one there)."""
+    for name, block in model.blocks.items():
+        if isinstance(block.task_experts, LayerBank):
+            prefix = f"{name}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not own:
+                raise UsageError(f"the saved backbone lacks the pretrained layer of layer-expert block {name}")
+            block.task_experts.pretrained_layer().load_state_dict(own)
 
 
 def _reshape_block(

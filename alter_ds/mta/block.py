@@ -323,7 +323,7 @@ class MTABlock(nn.Module):
                     target, origin = tensor.select(axis, new_expert), source.select(axis, old_expert)
                     index = tuple(slice(0, min(a, b)) for a, b in zip(target.shape, origin.shape))
                     target[index].copy_(origin[index])
-        reference = self.task_experts.w_down
+        reference = next(self.task_experts.parameters())
         self.router = new.to(device=reference.device)
         self.usage_sum = self.usage_count = None
 

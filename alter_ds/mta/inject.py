@@ -8,6 +8,7 @@ self-attention output projection. Placements:
 - ``after_ffn`` / ``after_attention``: the sub-layer's output projection is wrapped (PEFT style) so its
   output ``o`` becomes ``o + MTA(o)``; the original module stays inside as ``base_layer``.
 - ``replace_ffn``: the feed-forward sub-layer is replaced by the MTA block whose experts are copies of it.
+- ``replace_layer``: the whole layer is replaced by a block of routed copies of it (``layer_experts.py``).
 
 Hooks on each stack capture its attention mask (and, for encoder-decoder models, the pooled encoder output)
 into the routing context, for gates that pool over prompt tokens.
@@ -15,6 +16,7 @@ into the routing context, for gates that pool over prompt tokens.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -206,6 +208,16 @@ def read_feed_forward(layer: nn.Module) -> tuple[nn.Module, str, str, FeedForwar
     return owner, in_name, out_name, FeedForwardWeights(w_in, b_in, w_out, b_out, activation)
 
 
+def hidden_width(model: nn.Module) -> int:
+    """The width of the model's hidden states (what its layers, and so its MTA blocks, read and write)."""
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(typing.cast(Any, model).get_input_embeddings().embedding_dim)
+
+
 # ----------------------------------------------------------------------------------------- injection
 def select_layers(spec: str | list[int], num_layers: int, stack: str) -> list[int]:
     if spec == "all":
@@ -251,7 +263,18 @@ def inject_mta(
         for index in chosen:
             layer = stack.layers[index]
             name = f"{stack.name}.{index}"
-            if position == "replace_ffn":
+            if position == "replace_layer":
+                from alter_ds.mta.layer_experts import LayerBank, LayerExpertBlock
+
+                bank = LayerBank(
+                    layer, layout.num_task_experts, hidden_width(model), index, len(stack.layers), config.layer_noise
+                )
+                block: MTABlock = LayerExpertBlock(
+                    name, stack.name, bank, None, router, layout, task_names, context,
+                    residual=False, dropout=0.0, scaling=1.0, is_encoder_decoder=is_encoder_decoder,
+                )  # fmt: skip
+                stack.layers[index] = block
+            elif position == "replace_ffn":
                 owner, in_name, out_name, ffn = read_feed_forward(layer)
                 rank = ffn.w_out.shape[0]
                 banks = _make_banks(config, layout, ffn.w_in.shape[0], rank, ffn.activation, parameter, ffn)
@@ -298,23 +321,30 @@ def _make_banks(
         shared_bank = ExpertBank(
             layout.num_shared_experts, width, rank, activation, bias[0], bias[1], dtype=like.dtype, device=like.device
         )
+    init_banks(task_bank, shared_bank, ffn, config.shared_init)
     if ffn is not None:
-        task_bank.init_from_feed_forward(ffn)
-        if shared_bank is not None:
-            if config.shared_init == "pretrained":
-                shared_bank.init_from_feed_forward(ffn)
-            else:  # the output starts at zero, the down projection from the FFN so gradients flow
-                shared_bank.init_from_feed_forward(ffn)
-                with torch.no_grad():
-                    shared_bank.w_up.zero_()
-                    if shared_bank.b_up is not None:
-                        shared_bank.b_up.zero_()
         task_bank.remember_pretrained(ffn)
-    else:
+    return task_bank, shared_bank
+
+
+def init_banks(
+    task_bank: ExpertBank, shared_bank: ExpertBank | None, ffn: FeedForwardWeights | None, shared_init: str
+) -> None:
+    """Where experts start: FFN copies from the pretrained FFN (shared ones with a zero output unless
+    ``shared_init: pretrained``, the down projection still copied so gradients flow); adapters at zero output."""
+    if ffn is None:
         task_bank.init_bottleneck()
         if shared_bank is not None:
             shared_bank.init_bottleneck()
-    return task_bank, shared_bank
+        return
+    task_bank.init_from_feed_forward(ffn)
+    if shared_bank is not None:
+        shared_bank.init_from_feed_forward(ffn)
+        if shared_init != "pretrained":
+            with torch.no_grad():
+                shared_bank.w_up.zero_()
+                if shared_bank.b_up is not None:
+                    shared_bank.b_up.zero_()
 
 
 def _make_block(

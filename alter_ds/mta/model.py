@@ -23,18 +23,8 @@ from alter_ds.config import PARAMETER_GROUPS, ExperimentConfig, MTAConfig, Route
 from alter_ds.errors import UsageError
 from alter_ds.mta import artifact, stages
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
-from alter_ds.mta.inject import inject_mta
+from alter_ds.mta.inject import hidden_width, inject_mta
 from alter_ds.mta.routers import ExpertLayout
-
-
-def hidden_width(backbone: nn.Module) -> int:
-    """The width of the backbone's hidden states (what its layers, and so its MTA blocks, read and write)."""
-    config = getattr(backbone, "config", None)
-    for key in ("hidden_size", "d_model", "n_embd"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return int(typing.cast(Any, backbone).get_input_embeddings().embedding_dim)
 
 
 def build_layout(config: MTAConfig, tasks: Sequence[TaskConfig]) -> ExpertLayout:

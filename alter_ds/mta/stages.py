@@ -13,6 +13,8 @@ from alter_ds.config import RouterConfig, StageConfig, TaskConfig
 from alter_ds.errors import UsageError
 from alter_ds.mta.block import MTABlock
 from alter_ds.mta.experts import ExpertBank, concat_banks
+from alter_ds.mta.inject import init_banks
+from alter_ds.mta.layer_experts import LayerBank
 from alter_ds.mta.routers import ExpertLayout
 
 if TYPE_CHECKING:
@@ -32,6 +34,8 @@ def add_shared_experts(model: MTAModel, count: int, init: str = "zeros", source_
     """Add ``count`` shared experts to every block, initialised as asked (see ``_init_new_experts``)."""
     if count <= 0:
         return
+    if any(isinstance(block.task_experts, LayerBank) for block in model.blocks.values()):
+        raise UsageError("layer experts have no shared experts: a stage cannot add_experts.shared to them")
     old = model.layout.num_shared_experts
     model.layout = dataclasses.replace(model.layout, num_shared_experts=old + count)
     for block in model.blocks.values():
@@ -85,14 +89,40 @@ def add_task(
 def apply_stage(model: MTAModel, stage: StageConfig) -> dict[str, tuple[int, int]]:
     """Make the model what ``stage`` trains: add its experts, set its router, choose its trainable set."""
     add = stage.add_experts
+    if stage.reset_experts:
+        reset_experts(model)
     add_shared_experts(model, add.shared, add.init, add.source_expert)
     set_router(model, stage.router)
     return model.set_trainable(stage.train)
 
 
-def _init_new_experts(block: MTABlock, bank: ExpertBank, new: slice, init: str, source_expert: int | None) -> None:
+def reset_experts(model: MTAModel) -> None:
+    """Every expert back to where injection started it (``inject.init_banks``): layer and FFN copies from the
+    pretrained layer or FFN (the task-level MoE's stage 2 re-initialises its experts so), adapters at zero."""
+    for block in model.blocks.values():
+        if isinstance(block.task_experts, LayerBank):
+            block.task_experts.init_pretrained()
+        else:
+            pretrained = block.task_experts.pretrained()
+            init_banks(block.task_experts, block.shared_experts, pretrained, model.mta_config.shared_init)
+
+
+def _init_new_experts(
+    block: MTABlock, bank: ExpertBank | LayerBank, new: slice, init: str, source_expert: int | None
+) -> None:
     """zeros: output starts at exactly zero (up projection zero, down projection random, so it can learn);
-    pretrained: a copy of the layer's pretrained FFN (ffn experts); expert: a copy of expert ``source_expert``."""
+    pretrained: a copy of the layer's pretrained FFN (ffn experts); expert: a copy of expert ``source_expert``.
+    Layer experts always start as copies: of the pretrained layer (zeros or pretrained), or of an expert."""
+    if isinstance(bank, LayerBank):
+        if init == "expert":
+            if source_expert is None or not 0 <= source_expert < bank.num_experts:
+                raise UsageError(f"init: expert needs source_expert in [0, {bank.num_experts}), got {source_expert}")
+            bank.init_from_expert(source_expert, new)
+        elif init in ("zeros", "pretrained"):
+            bank.init_pretrained(new)
+        else:
+            raise UsageError(f"unknown expert init {init!r} (zeros, pretrained, expert)")
+        return
     if init == "zeros":
         bank.init_bottleneck(new)
     elif init == "pretrained":
