@@ -287,6 +287,13 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
     torch.manual_seed(config.seed + 1000 * index + rank)
     model = stage_model(config, index, layout)
     counts = model.apply_stage(stage)
+    if rank == 0:
+        origin = stage_source(config, index, layout) or "the backbone"
+        print(
+            f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}; "
+            f"starts from {origin}"
+        )
+        print(model.format_parameter_counts())
     collator = MultiTaskCollator(run.tokenizer.pad_token_id, run.seq2seq)
     if (
         stage.router.kind == "task_embedding"
@@ -298,13 +305,6 @@ def train_stage(config: ExperimentConfig, index: int, run: RunContext) -> dict[s
             print(f"task embeddings: each task's mean input state over {stage.router.embedding_examples} examples")
     if config.training.activation_checkpointing:
         model.activation_checkpointing_enable()
-    if rank == 0:
-        origin = stage_source(config, index, layout) or "the backbone"
-        print(
-            f"\n== stage {index + 1} ({stage.name}): router {stage.router.kind}, trains {', '.join(stage.train)}; "
-            f"starts from {origin}"
-        )
-        print(model.format_parameter_counts())
     saved = find_checkpoint(checkpoints) if run.resume else None
     if saved is not None and saved.world_size != world:
         config = _keep_global_batch(config, saved.world_size, world, rank)

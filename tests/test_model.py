@@ -392,3 +392,33 @@ def test_the_expert_stack_is_kept_while_no_gradient_can_reach_the_experts():
     loss_of(model, inputs, [0, 1, 2, 0]).backward()
     assert block._stack is None and block.shared_experts.w_up.grad is not None
     assert bool(block.shared_experts.w_up.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("kind", ["bottleneck", "ffn", "layer"])
+def test_pretrained_only_computes_the_backbone_whatever_the_experts_learned(arch, kind):
+    import copy
+
+    from tiny_models import tiny_backbone
+
+    from alter_ds.mta.layer_experts import LayerBank
+
+    backbone = tiny_backbone(arch)
+    reference = copy.deepcopy(backbone)
+    extra = {"num_task_experts": 3} if kind == "layer" else {"num_shared_experts": 1}
+    mta = MTAConfig(expert_kind=kind, shared_init="pretrained" if kind == "ffn" else "zeros", **extra)
+    model = MTAModel(backbone, mta, TASKS, RouterConfig(kind="hard")).eval()
+    perturb_experts(model, 0.3)
+    inputs = batch_inputs(model)
+    with torch.no_grad():
+        trained = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+        with model.pretrained_only():
+            bypassed = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+        expected = reference(**inputs).logits
+        after = model(**inputs, task_ids=[0, 1, 2, 0]).logits
+    assert not torch.allclose(trained, expected, atol=1e-3)  # the experts do change the model
+    torch.testing.assert_close(bypassed, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after, trained, rtol=0, atol=0)  # and the routing comes back afterwards
+    for block in model.blocks.values():
+        if isinstance(block.task_experts, LayerBank):
+            assert next(block.task_experts.pretrained_layer().parameters()).device.type == "cpu"

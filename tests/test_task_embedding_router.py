@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TASKS, batch_inputs, make_model
+from conftest import TASKS, batch_inputs, make_model, perturb_experts
 from tiny_models import tiny_backbone
 
 from alter_ds.config import ExperimentConfig, ModelConfig, MTAConfig, RouterConfig, StageConfig
@@ -168,7 +168,8 @@ def test_inputs_init_is_each_tasks_mean_pooled_backbone_state(arch):
     backbone = tiny_backbone(arch)
     reference = copy.deepcopy(backbone)
     config = RouterConfig(kind="task_embedding", embedding_init="inputs")
-    model = MTAModel(backbone, MTAConfig(num_shared_experts=1), TASKS, config).eval()  # zero-init experts
+    model = MTAModel(backbone, MTAConfig(num_shared_experts=1), TASKS, config).eval()
+    perturb_experts(model, 0.3)  # trained-looking experts: the vectors are still the backbone's
     generator = torch.Generator().manual_seed(0)
     lengths = {0: [6, 9, 7], 1: [5, 8, 8], 2: [10, 6, 7]}
     examples = [

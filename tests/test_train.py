@@ -252,6 +252,22 @@ def test_eval_command_on_a_finished_run(full_run, capsys):
 
 
 @pytest.mark.slow
+def test_analyze_command_on_a_finished_run(full_run, capsys):
+    """The routing the trainer recorded on dev, analysed against the synthetic families (two categories)."""
+    from alter_ds.cli import main
+
+    run, _ = full_run
+    assert main(["analyze", str(run), "--stage", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "clustering by routing vs categories: ARI" in printed
+    saved = json.loads((run / "analysis" / "stage1" / "analysis.json").read_text())
+    assert saved["categories"] == ["string"] * 4 + ["rule"] * 3 and len(saved["clusters"]) == 7
+    # stage 1 routes each task to its own expert and the shared one: no layer collapses onto one expert
+    assert saved["warnings"] == [] and all(0 < b <= 1 for b in saved["expert_balance"].values())
+    assert (run / "analysis" / "stage1" / "routing.png").is_file()
+
+
+@pytest.mark.slow
 def test_alter_paper_recipe_on_a_seq2seq_model(tmp_path):
     """The alter-paper preset's stages on a tiny T5: FFN-copy experts in the middle layer, stage 1 trains
     everything with the task-weights selector, stage 2 adds a pretrained shared expert and the gate."""

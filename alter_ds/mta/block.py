@@ -35,6 +35,8 @@ class RoutingContext:
     prompt_features: dict[str, torch.Tensor] = field(default_factory=dict)  # per block, cached in generate
     step: int = 0
     replaying: bool = False  # an activation-checkpointing recompute: the routing is the forward's, not recorded
+    #: every block computes what the backbone computed there before injection (MTAModel.pretrained_only)
+    pretrained_only: bool = False
     #: the model's task-embedding table (task_embedding routers read it); owned by MTAModel, kept across calls
     task_embeddings: nn.Embedding | None = None
 
@@ -172,6 +174,8 @@ class MTABlock(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.context.pretrained_only:
+            return self.pretrained_forward(hidden)
         if hidden.dim() == 2:  # OPT flattens [B, T, d] to [B*T, d] around its FFN: give the tokens their rows back
             rows = self._rows_of_flat(hidden.shape[0])
             return self.forward(hidden.reshape(rows, -1, hidden.shape[-1])).reshape(hidden.shape)
@@ -196,6 +200,27 @@ class MTABlock(nn.Module):
         if self.scaling != 1.0:
             out = out * self.scaling
         return hidden + out if self.residual else out
+
+    def pretrained_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the backbone computed here: nothing added (a residual adapter), or the pretrained FFN."""
+        if self.residual:
+            return hidden
+        source = self.task_experts.pretrained()
+        if source is None:
+            raise RuntimeError(f"MTA block {self.name} replaced a sub-layer it kept no pretrained copy of")
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        ones = torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)
+        out = grouped_adapter(
+            flat,
+            torch.zeros(flat.shape[0], 1, dtype=torch.long, device=flat.device),
+            ones,
+            source.w_in[None].to(flat.dtype),
+            source.b_in[None].to(flat.dtype) if source.b_in is not None else None,
+            source.w_out[None].to(flat.dtype),
+            source.b_out[None].to(flat.dtype) if source.b_out is not None else None,
+            source.activation,
+        )
+        return out.reshape(hidden.shape)
 
     def _rows_of_flat(self, tokens: int) -> int:
         """How many rows ``tokens`` flattened tokens came from: the stack's attention mask has one per row (beams

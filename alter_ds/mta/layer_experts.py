@@ -144,6 +144,12 @@ class LayerExpertBlock(MTABlock):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         hidden = args[0] if args else kwargs["hidden_states"]
+        if self.context.pretrained_only:
+            layer = self.task_experts.pretrained_layer()
+            reference = next(layer.parameters())
+            if (reference.device, reference.dtype) != (hidden.device, hidden.dtype):
+                layer.to(device=hidden.device, dtype=hidden.dtype)  # MTAModel.pretrained_only moves it back
+            return layer(*args, **kwargs)
         expert_ids, expert_weights = self.route(hidden)
         batch = hidden.shape[0]
         experts = self.task_experts.experts

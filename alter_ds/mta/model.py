@@ -221,6 +221,22 @@ class MTAModel(nn.Module):
         self.context.task_embeddings = table
         return table
 
+    @contextlib.contextmanager
+    def pretrained_only(self) -> Iterator[None]:
+        """Compute the backbone as it was before injection: adapters add nothing, replaced FFNs and layers
+        run their pretrained copies. Task vectors from inputs use it, so that a task's vector does not depend
+        on what the experts have learned (known tasks at stage 1 and an unseen task later are comparable)."""
+        from alter_ds.mta.layer_experts import LayerBank
+
+        self.context.pretrained_only = True
+        try:
+            yield
+        finally:
+            self.context.pretrained_only = False
+            for block in self.blocks.values():
+                if isinstance(block.task_experts, LayerBank):  # kept on the host between uses
+                    block.task_experts.pretrained_layer().to("cpu")
+
     def set_step(self, step: int) -> None:
         """The optimizer step the temperature schedules read."""
         self.context.step = int(step)

@@ -2,8 +2,10 @@
 
 The task-level MoE initialises its task-embedding table this way (tasks whose inputs look alike start near
 each other, so their routes can start alike), and the same vector places an unseen task among the known ones.
-The states are the model's own final hidden states over the prompt (decoder-only) or the encoder output
-(seq2seq): at a stage's start, where new experts are the identity, those are the backbone's.
+The states are the backbone's final hidden states over the prompt (decoder-only) or the encoder output
+(seq2seq), computed with every MTA block giving back what the backbone computed there
+(``MTAModel.pretrained_only``): a task's vector never depends on what the experts have learned, so vectors
+computed at stage 1 and for an unseen task later are comparable.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alter_ds.errors import UsageError
+from alter_ds.mta.inject import hidden_width
 
 if TYPE_CHECKING:
     from alter_ds.mta.model import MTAModel
@@ -24,41 +27,46 @@ def mean_input_states(
     model: MTAModel,
     batches: Sequence[dict[str, torch.Tensor]],
 ) -> torch.Tensor:
-    """``[width]``: the mean over ``batches``' examples of each example's mean hidden state over its input.
+    """``[width]``: the mean over ``batches``' examples of each example's mean backbone state over its input.
 
     Each batch is a collated one task's examples (input_ids, attention_mask, task_ids, and prompt_mask for a
-    decoder-only model, so that the target tokens of a training example are not pooled).
+    decoder-only model, so that the target tokens of a training example are not pooled). The task ids only
+    satisfy the model's interface: with every block giving back the backbone's computation, nothing routes.
     """
     if not batches:
         raise UsageError("mean_input_states needs at least one batch of examples")
     was_training = model.training
     model.eval()
-    total: torch.Tensor | None = None
-    count = 0
     device = next(model.parameters()).device
+    total = torch.zeros(hidden_width(model.backbone), device=device)
+    count = 0
     try:
-        for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            task_ids = batch["task_ids"].to(device)
-            if model.is_encoder_decoder:
-                encoder = model.backbone.get_encoder()  # type: ignore[operator]
-                with model.routed(task_ids, int(task_ids.shape[0])):
-                    hidden = encoder(**inputs).last_hidden_state
-                mask = inputs["attention_mask"]
-            else:
-                prompt_mask = batch.get("prompt_mask")
-                out = model(**inputs, task_ids=task_ids, prompt_mask=prompt_mask, output_hidden_states=True)
-                hidden = out.hidden_states[-1]
-                mask = (prompt_mask if prompt_mask is not None else inputs["attention_mask"]).to(device)
-            weights = mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-            summed = pooled.float().sum(0)
-            total = summed if total is None else total + summed
-            count += int(pooled.shape[0])
+        with model.pretrained_only():
+            for batch in batches:
+                pooled = _pooled_states(model, batch, device)
+                total += pooled.float().sum(0)
+                count += int(pooled.shape[0])
     finally:
         model.train(was_training)
-    assert total is not None
     return total / count
+
+
+def _pooled_states(model: MTAModel, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``[B, width]``: each example's final hidden states averaged over its prompt (or encoder input)."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    task_ids = batch["task_ids"].to(device)
+    if model.is_encoder_decoder:
+        encoder = model.backbone.get_encoder()  # type: ignore[operator]
+        with model.routed(task_ids, int(task_ids.shape[0])):
+            hidden = encoder(**inputs).last_hidden_state
+        mask = inputs["attention_mask"]
+    else:
+        prompt_mask = batch.get("prompt_mask")
+        out = model(**inputs, task_ids=task_ids, prompt_mask=prompt_mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        mask = (prompt_mask if prompt_mask is not None else inputs["attention_mask"]).to(device)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def init_from_inputs(
