@@ -122,6 +122,28 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from alter_ds.transfer import transfer_run
+
+    results = transfer_run(
+        args.run_dir, args.task, args.shots, args.stage, args.zero_shot, args.init, args.own_expert, args.steps,
+        args.lr, args.baseline, args.max_examples,
+    )  # fmt: skip
+    print(f"{'task':<24}{'mode':<10}{'metric':<10}{'score':>8}{'baseline':>10}  nearest known task")
+    gains = []
+    for r in results:
+        base = f"{r.baseline_score:.2f}" if r.baseline_score is not None else "-"
+        print(f"{r.task:<24}{r.mode:<10}{r.metric:<10}{r.score:>8.2f}{base:>10}  {r.nearest}")
+        if r.baseline_score:
+            gains.append((r.score - r.baseline_score) / r.baseline_score)
+    if gains:
+        print(f"ARG over {len(gains)} unseen task(s) against the baseline: {100 * sum(gains) / len(gains):+.2f}%")
+    left_out = [r.task for r in results if r.baseline_score == 0]
+    if left_out:
+        print(f"ARG leaves out {', '.join(left_out)}: the baseline scores 0 there")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -188,6 +210,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     analysis.add_argument("run_dir")
     analysis.add_argument("--stage", default=None, help="stage number or name (default: the last one)")
     analysis.set_defaults(run=_analyze)
+    transfer = commands.add_parser("transfer", help="add unseen tasks to a finished run, zero-shot or few-shot")
+    transfer.add_argument("run_dir")
+    transfer.add_argument("--task", required=True, help="YAML with the unseen tasks under 'tasks:'")
+    transfer.add_argument("--shots", type=int, default=16, help="training examples per unseen task (K)")
+    transfer.add_argument("--zero-shot", action="store_true", help="route by input similarity, train nothing")
+    transfer.add_argument("--init", default="nearest", choices=["nearest", "uniform", "inputs"])
+    transfer.add_argument("--own-expert", action="store_true", help="also give the task a new expert to train")
+    transfer.add_argument("--steps", type=int, default=50, help="few-shot optimizer steps")
+    transfer.add_argument("--lr", type=float, default=1e-2)
+    transfer.add_argument("--baseline", default=None, help="a single-adapter run given the same K examples")
+    transfer.add_argument("--stage", default=None, help="stage number or name (default: the last one)")
+    transfer.add_argument("--max-examples", type=int, default=200, help="test examples per task")
+    transfer.set_defaults(run=_transfer)
     study = commands.add_parser("study", help="arms x seeds through the trainer, scored on the same test examples")
     study.add_argument("study", help="study YAML (see configs/study/)")
     study.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")

@@ -306,10 +306,15 @@ class MTAModel(nn.Module):
         stages.add_shared_experts(self, count, init, source_expert)
 
     def add_task(
-        self, name: str, category: str = "default", init: str = "zeros", source_expert: int | None = None
+        self,
+        name: str,
+        category: str = "default",
+        init: str = "zeros",
+        source_expert: int | None = None,
+        experts: list[int] | None = None,
     ) -> int:
-        """Add a task with its own new task expert in every block; returns its id."""
-        return stages.add_task(self, name, category, init, source_expert)
+        """Add a task with its own new task expert in every block (or assigned ``experts``); returns its id."""
+        return stages.add_task(self, name, category, init, source_expert, experts)
 
     def apply_stage(self, stage: StageConfig) -> dict[str, tuple[int, int]]:
         """Make the model what ``stage`` trains: add its experts, set its router, choose its trainable set."""

@@ -54,19 +54,27 @@ def add_shared_experts(model: MTAModel, count: int, init: str = "zeros", source_
 
 
 def add_task(
-    model: MTAModel, name: str, category: str = "default", init: str = "zeros", source_expert: int | None = None
+    model: MTAModel,
+    name: str,
+    category: str = "default",
+    init: str = "zeros",
+    source_expert: int | None = None,
+    experts: list[int] | None = None,
 ) -> int:
-    """Add a task with its own new task expert in every block; returns its id."""
+    """Add a task with its own new task expert in every block, or, with ``experts``, assigned those existing
+    task experts (no bank grows); returns its id."""
     if name in model.task_names:
         raise UsageError(f"task {name!r} already exists")
-    new_expert = model.layout.num_task_experts
+    known = model.layout.num_task_experts
+    if experts is not None and not all(0 <= e < known for e in experts):
+        raise UsageError(f"task {name!r} is assigned experts {experts}; the bank has {known} task experts")
     model.tasks.append(TaskConfig(name, category))
     model.task_names.append(name)  # shared list: blocks and routers see it
     model.layout = ExpertLayout(
         model.layout.num_tasks + 1,
-        new_expert + 1,
+        known + (experts is None),
         model.layout.num_shared_experts,
-        [*model.layout.task_experts, [new_expert]],
+        [*model.layout.task_experts, list(experts) if experts is not None else [known]],
     )
     if model.task_embeddings is not None:  # the new task's vector starts at the mean of the known ones
         old_table = model.task_embeddings
@@ -79,9 +87,10 @@ def add_task(
         table.weight.requires_grad_(old_table.weight.requires_grad)
         model.task_embeddings = table
         model.context.task_embeddings = table
-    for block in model.blocks.values():
-        block.task_experts = block.task_experts.resized(new_expert + 1)
-        _init_new_experts(block, block.task_experts, slice(new_expert, new_expert + 1), init, source_expert)
+    if experts is None:
+        for block in model.blocks.values():
+            block.task_experts = block.task_experts.resized(known + 1)
+            _init_new_experts(block, block.task_experts, slice(known, known + 1), init, source_expert)
     set_router(model, model.router_config)
     return len(model.tasks) - 1
 
