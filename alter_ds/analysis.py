@@ -138,7 +138,7 @@ def analyze(routing: Routing, seed: int = 0) -> Analysis:
         if not routed.any():
             continue
         traffic = share[routed].mean(0)
-        balance[name] = float(_entropy(traffic[None])[0] / math.log(experts)) if experts > 1 else 1.0
+        balance[name] = max(0.0, float(_entropy(traffic[None])[0] / math.log(experts))) if experts > 1 else 1.0
         top = share[routed].argmax(-1)
         if experts > 1 and len(set(top.tolist())) == 1 and bool((share[routed].max(-1) >= COLLAPSE_SHARE).all()):
             warnings.append(
