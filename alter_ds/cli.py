@@ -123,7 +123,11 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _transfer(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from alter_ds.transfer import transfer_run
+
+    hf_logging.disable_progress_bar()  # one table, not a weight-loading bar per model
 
     results = transfer_run(
         args.run_dir, args.task, args.shots, args.stage, args.zero_shot, args.init, args.own_expert, args.steps,
@@ -141,6 +145,7 @@ def _transfer(args: argparse.Namespace) -> int:
     left_out = [r.task for r in results if r.baseline_score == 0]
     if left_out:
         print(f"ARG leaves out {', '.join(left_out)}: the baseline scores 0 there")
+    print(f"wrote {args.run_dir}/transfer/<task>_<mode>.json")
     return 0
 
 
