@@ -18,6 +18,7 @@ expert): every other tensor of the model stays bit-identical, so the known tasks
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from alter_ds.errors import UsageError
-from alter_ds.mta.block import MTABlock
+from alter_ds.mta.layer_experts import LayerBank
 from alter_ds.mta.model import MTAModel
 from alter_ds.mta.task_embeddings import mean_input_states
 
@@ -80,6 +81,8 @@ def add_unseen_task(
     task's experts; with it, it gets a new expert of its own (zero output at first)."""
     if known_vectors.shape[0] != len(model.tasks):
         raise UsageError(f"{known_vectors.shape[0]} task vectors for the model's {len(model.tasks)} tasks")
+    if init == "inputs" and model.task_embeddings is None:  # refused before the model changes
+        raise UsageError("init: inputs needs a task_embedding router (the model has no task-embedding table)")
     similarity = torch.nn.functional.cosine_similarity(known_vectors.float(), vector.float()[None], dim=-1)
     nearest = int(similarity.argmax())
     experts = None if own_expert else list(model.layout.task_experts[nearest])
@@ -102,8 +105,6 @@ def add_unseen_task(
                 tensor[task].copy_(vector.to(tensor.dtype))
             else:
                 tensor[task].copy_(tensor[nearest])
-    if init == "inputs" and model.task_embeddings is None:
-        raise UsageError("init: inputs needs a task_embedding router (the model has no task-embedding table)")
     names = model.task_names[:task]
     return Placement(task, names[nearest], {n: float(s) for n, s in zip(names, similarity)})
 
@@ -116,12 +117,7 @@ def _own_slices(model: MTAModel, task: int, own_expert: bool) -> list[tuple[nn.P
         mask[task] = 1
         owned.append((tensor, mask))  # type: ignore[arg-type]
     if own_expert:
-        expert = model.layout.task_experts[task][0]
-        for block in model.blocks.values():
-            for parameter in _bank_parameters(block):
-                mask = torch.zeros_like(parameter)
-                mask[expert] = 1
-                owned.append((parameter, mask))
+        owned += _expert_slices(model, model.layout.task_experts[task][:1])
     if not owned:
         raise UsageError(
             "this model's routers have no per-task parameters to train (hard or fixed routes): "
@@ -130,11 +126,20 @@ def _own_slices(model: MTAModel, task: int, own_expert: bool) -> list[tuple[nn.P
     return owned
 
 
-def _bank_parameters(block: MTABlock) -> list[nn.Parameter]:
-    bank = block.task_experts
-    if not all(hasattr(bank, key) for key in ("w_down", "w_up")):
-        raise UsageError("own_expert transfer needs stacked adapter experts (bottleneck or ffn), not layer copies")
-    return [p for p in (bank.w_down, bank.b_down, bank.w_up, bank.b_up) if p is not None]
+def _expert_slices(model: MTAModel, experts: list[int]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, mask) of the task experts ``experts`` in every block's bank."""
+    owned = []
+    for block in model.blocks.values():
+        if isinstance(block.task_experts, LayerBank):
+            raise UsageError(
+                "training experts in transfer needs stacked adapter experts (bottleneck or ffn), not layer copies"
+            )
+        for parameter in block.task_experts.weights():
+            if parameter is not None:
+                mask = torch.zeros_like(parameter)
+                mask[experts] = 1
+                owned.append((typing.cast(nn.Parameter, parameter), mask))
+    return owned
 
 
 def few_shot(
@@ -186,17 +191,6 @@ def _train_slices(
             handle.remove()
         model.eval()
     return losses
-
-
-def _assigned_slices(model: MTAModel, task: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, mask) of the experts ``task`` is assigned: what the single-adapter baseline trains."""
-    owned = []
-    for block in model.blocks.values():
-        for parameter in _bank_parameters(block):
-            mask = torch.zeros_like(parameter)
-            mask[model.layout.task_experts[task]] = 1
-            owned.append((parameter, mask))
-    return owned
 
 
 # ----------------------------------------------------------------------------------- alter-ds transfer
@@ -297,8 +291,8 @@ def transfer_run(
                 if is_model:
                     losses = few_shot(model, placement.task_id, batches, steps, lr, own_expert)
                 else:
-                    losses = _train_slices(model, placement.task_id, batches, steps, lr,
-                                           _assigned_slices(model, placement.task_id))  # fmt: skip
+                    assigned = _expert_slices(model, model.layout.task_experts[placement.task_id])
+                    losses = _train_slices(model, placement.task_id, batches, steps, lr, assigned)
             tasks = [*source_config.tasks, task]
             examples: dict[str, list[Example]] = {t.name: [] for t in source_config.tasks} | {task.name: test}
             scored = evaluate(model, tokenizer, tasks, examples, seq2seq, 16, max_examples)[task.name]

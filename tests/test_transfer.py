@@ -151,3 +151,12 @@ def test_transfer_refuses_known_tasks_and_missing_files(finished_run, tmp_path, 
     assert "['reverse'] are tasks the run trained on" in capsys.readouterr().err
     assert main(["transfer", str(finished_run), "--task", "nope.yaml"]) == 2
     assert "no task file at nope.yaml" in capsys.readouterr().err
+
+
+def test_inputs_init_without_a_table_is_refused_before_the_model_changes():
+    model = make_model("llama", router=RouterConfig(kind="task_weights"), shared=1)
+    known = torch.stack([task_vector(model, task, COLLATE) for task in KNOWN])
+    vector = task_vector(model, examples(40, 60, seed=9), COLLATE)
+    with pytest.raises(UsageError, match="init: inputs needs a task_embedding router"):
+        add_unseen_task(model, "unseen", "classify", vector, known, "inputs")
+    assert model.task_names == [t.name for t in TASKS] and model.layout.num_tasks == 3
