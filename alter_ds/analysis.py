@@ -100,8 +100,12 @@ def cluster_tasks(vectors: np.ndarray, clusters: int) -> list[int]:
 
 
 def _entropy(rows: np.ndarray) -> np.ndarray:
-    p = np.clip(rows, 1e-12, None)
-    return -(rows * np.log(p)).sum(-1)
+    """Entropy (nats) of each row, by the routers' own definition (``mixture_entropy``)."""
+    import torch
+
+    from alter_ds.mta.routers import mixture_entropy
+
+    return mixture_entropy(torch.from_numpy(np.atleast_2d(rows))).numpy()
 
 
 def analyze(routing: Routing, seed: int = 0) -> Analysis:

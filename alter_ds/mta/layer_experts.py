@@ -56,7 +56,6 @@ class LayerBank(nn.Module):
         self.layer_index = layer_index
         self.stack_layers = stack_layers
         self.noise = noise
-        self.activation = "layer"
         self.experts = nn.ModuleList(
             experts if experts is not None else [self.fresh_copy() for _ in range(num_experts)]
         )
@@ -87,13 +86,6 @@ class LayerBank(nn.Module):
         for number, expert in enumerate(self.experts):
             for module in _cache_slots(expert):
                 setattr(module, "layer_idx", number * self.stack_layers + self.layer_index)  # noqa: B010
-
-    def weights(self) -> list[torch.Tensor | None]:
-        return list(self.parameters())
-
-    def pretrained(self) -> None:
-        """No pretrained FFN (that is the ffn kind's); the whole pretrained layer is ``pretrained_layer()``."""
-        return None
 
     def init_pretrained(self, experts: slice | None = None) -> None:
         """Start the given copies (all by default) again from the pretrained layer (plus noise)."""
