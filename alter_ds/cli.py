@@ -149,6 +149,17 @@ def _transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from alter_ds.export import export_run
+
+    hf_logging.disable_progress_bar()
+    written = export_run(args.run_dir, args.task, args.format, args.stage, args.out)
+    print(f"wrote {args.task} ({args.format}) to {written}")
+    return 0
+
+
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -228,6 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     transfer.add_argument("--stage", default=None, help="stage number or name (default: the last one)")
     transfer.add_argument("--max-examples", type=int, default=200, help="test examples per task")
     transfer.set_defaults(run=_transfer)
+    export = commands.add_parser("export", help="one task of a finished run, as alter-ds, PEFT LoRA or merged model")
+    export.add_argument("run_dir")
+    export.add_argument("--task", required=True, help="the task's name")
+    export.add_argument(
+        "--format", default="alter-ds", choices=["alter-ds", "peft", "merged"],
+        help="alter-ds: a single-task alter-ds model (any expert kind); peft: a PEFT LoRA adapter; merged: a plain "
+        "Hugging Face model with the update in its weights (peft and merged: lora experts)",
+    )  # fmt: skip
+    export.add_argument("--stage", default=None, help="stage number or name (default: the last one)")
+    export.add_argument("--out", default=None, help="default: RUN_DIR/export/<task>_<format>")
+    export.set_defaults(run=_export)
+
     study = commands.add_parser("study", help="arms x seeds through the trainer, scored on the same test examples")
     study.add_argument("study", help="study YAML (see configs/study/)")
     study.add_argument("--report-only", action="store_true", help="rewrite the report from the finished runs")

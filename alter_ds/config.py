@@ -170,19 +170,27 @@ class DataConfig:
 class MTAConfig:
     """Where the Mixture-of-Task-Adapters goes and what its expert banks hold."""
 
-    #: bottleneck adapters, copies of the pretrained FFN (ALTER), or copies of the whole layer (task-level MoE)
-    expert_kind: Literal["bottleneck", "ffn", "layer"] = "bottleneck"
+    #: bottleneck adapters, copies of the pretrained FFN (ALTER), copies of the whole layer (task-level MoE), or
+    #: LoRA updates of chosen linear projections (exportable as a PEFT LoRA adapter)
+    expert_kind: Literal["bottleneck", "ffn", "layer", "lora"] = "bottleneck"
     #: after_ffn / after_attention: a residual bottleneck on that sub-layer's output; replace_ffn: experts
     #: take the place of the feed-forward sub-layer (required by, and the default for, ``ffn`` experts);
-    #: replace_layer: copies of the layer take its place (required by, and the default for, ``layer`` experts).
-    position: Literal["after_ffn", "after_attention", "replace_ffn", "replace_layer"] | None = None
+    #: replace_layer: copies of the layer take its place (required by, and the default for, ``layer`` experts);
+    #: projections: beside each projection named in ``lora_targets`` (required by, and the default for, ``lora``).
+    position: Literal["after_ffn", "after_attention", "replace_ffn", "replace_layer", "projections"] | None = None
     #: "all", "middle" (one layer, index L // 2), explicit layer indices, or "none"; per stack below when
     #: given. "none" everywhere is the plain backbone without MTA (the full fine-tuning baseline).
     layers: str | list[int] = "all"
     encoder_layers: str | list[int] | None = None
     decoder_layers: str | list[int] | None = None
+    #: the adapters' inner width: the bottleneck of ``bottleneck`` experts, the rank r of ``lora`` experts
     bottleneck_dim: int = 16
     activation: str = "relu"
+    #: lora experts: the projections of each chosen layer that get them, as aliases (q, k, v, o: the
+    #: self-attention's; gate, up, down: the FFN's) or exact module names (``c_attn``, ``query_key_value``)
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    #: lora experts: the update is scaled by lora_alpha / r, as in PEFT
+    lora_alpha: float = 16.0
     #: Task experts in each bank; None means one per task.
     num_task_experts: int | None = None
     #: The prior map: which task experts each task is assigned (default: task i -> expert i).
@@ -198,7 +206,9 @@ class MTAConfig:
     def resolved_position(self) -> str:
         if self.position is not None:
             return self.position
-        return {"ffn": "replace_ffn", "layer": "replace_layer"}.get(self.expert_kind, "after_ffn")
+        return {"ffn": "replace_ffn", "layer": "replace_layer", "lora": "projections"}.get(
+            self.expert_kind, "after_ffn"
+        )
 
     def injects_nothing(self) -> bool:
         """No MTA block anywhere, asked for explicitly: the model is the bare backbone."""
@@ -228,6 +238,15 @@ class MTAConfig:
             require(self.num_shared_experts == 0, "num_shared_experts", "layer experts have no shared experts")
         else:
             require(self.position != "replace_layer", "position", "replace_layer needs expert_kind: layer")
+        if self.expert_kind == "lora":
+            require(self.resolved_position() == "projections", "position", "lora experts sit beside projections")
+            require(bool(self.lora_targets), "lora_targets", "name at least one projection (q, k, v, o, gate, ...)")
+            require(
+                len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets", "a projection is named twice"
+            )
+            require(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), "lora_alpha", "must be > 0")
+        else:
+            require(self.position != "projections", "position", "projections needs expert_kind: lora")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(math.isfinite(self.scaling), "scaling", "must be finite")
         require(

@@ -3,7 +3,7 @@
 The trainer writes these paths, and evaluation, studies and resumption read them; each used to spell them
 out, and an unknown stage got a different answer from each.
 
-    runs/<run_name>/config.yaml  ds_config.json  tb/  eval/  analysis/
+    runs/<run_name>/config.yaml  ds_config.json  tb/  eval/  analysis/  export/
                    stage<i>/checkpoints/  model/  metrics.jsonl  summary.json
 """
 
@@ -71,6 +71,10 @@ class RunLayout:
     @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
+
+    def export_dir(self, task: str, format: str) -> Path:
+        """Where ``alter-ds export`` writes one task in one format by default."""
+        return self.root / "export" / f"{task}_{format}"
 
     def stage_dir(self, index: int) -> Path:
         return self.root / f"stage{index + 1}"

@@ -13,8 +13,12 @@ GRAD_NAMES = ["x", "ids", "weights", "w_down", "b_down", "w_up", "b_up"]
 RTOL, ATOL = 1e-5, 1e-5
 
 
-def make_inputs(n, d, r, experts, k, activation="relu", bias=True, dtype=torch.float64, seed=0, ids=None, dense=False):
+def make_inputs(
+    n, d, r, experts, k, activation="relu", bias=True, dtype=torch.float64, seed=0, ids=None, dense=False, d_out=None
+):
+    """``d_out``: experts that change the width (LoRA on a projection), ``d`` in, ``d_out`` out."""
     g = torch.Generator().manual_seed(seed)
+    d_out = d_out or d
     down = 2 * r if is_gated(activation) else r
     x = torch.randn(n, d, generator=g, dtype=dtype)
     if dense:
@@ -30,8 +34,8 @@ def make_inputs(n, d, r, experts, k, activation="relu", bias=True, dtype=torch.f
         weights,
         torch.randn(experts, d, down, generator=g, dtype=dtype) / d**0.5,
         torch.randn(experts, down, generator=g, dtype=dtype) if bias else None,
-        torch.randn(experts, r, d, generator=g, dtype=dtype) / r**0.5,
-        torch.randn(experts, d, generator=g, dtype=dtype) if bias else None,
+        torch.randn(experts, r, d_out, generator=g, dtype=dtype) / r**0.5,
+        torch.randn(experts, d_out, generator=g, dtype=dtype) if bias else None,
     ]
     return tensors, activation
 

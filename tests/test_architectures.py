@@ -1,6 +1,7 @@
 """Accepted means it runs: every decoder-only family of the matrix, built tiny from its config, goes through
 injection, forward (identity at init, a mixed batch equal to each example alone), save/load and generate, for
-each placement: bottleneck experts after the FFN and after self-attention, FFN copies replacing the FFN.
+each placement: bottleneck experts after the FFN and after self-attention, FFN copies replacing the FFN, layer
+copies replacing the layer, and LoRA experts beside the attention and FFN projections.
 T5, BART, GPT-2 and Llama are covered the same way in test_inject.py, test_model.py and test_generation.py."""
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def _families():
 
 
 FAMILIES = sorted(_families())
+LORA_DEFAULT = ["q", "k", "v", "o", "up", "down"]
+#: families whose attention computes q, k and v in one projection
+LORA_TARGETS = {"gpt_neox": ["query_key_value", "o", "up", "down"], "phi3": ["qkv_proj", "o", "up", "down"]}
 
 
 def tiny(family: str) -> torch.nn.Module:
@@ -99,6 +103,7 @@ def family(request):
         ("bottleneck", "after_attention"),
         ("ffn", "replace_ffn"),
         ("layer", "replace_layer"),
+        ("lora", "projections"),
     ],
 )
 def test_every_family_runs_forward_save_load_and_generate(family, kind, position, tmp_path):
@@ -106,6 +111,8 @@ def test_every_family_runs_forward_save_load_and_generate(family, kind, position
     reference = copy.deepcopy(backbone)
     if kind == "layer":  # three copies of each layer, no shared experts
         mta = MTAConfig(expert_kind=kind, num_task_experts=3)
+    elif kind == "lora":  # attention and FFN projections, fused ones by their own names
+        mta = MTAConfig(expert_kind=kind, num_shared_experts=1, lora_targets=LORA_TARGETS.get(family, LORA_DEFAULT))
     else:
         mta = MTAConfig(expert_kind=kind, num_shared_experts=1, shared_init="pretrained" if kind == "ffn" else "zeros")
     mta.position = position

@@ -55,6 +55,30 @@ def test_gradcheck_float64(activation):
     assert torch.autograd.gradcheck(lambda *a: grouped_adapter_reference(*a, act), tuple(leaves), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("d_out", [3, 11])
+def test_experts_that_change_the_width_match_the_loop_and_gradcheck(d_out):
+    """LoRA experts: identity activation, no biases, ``d`` in and ``d_out`` out (narrower and wider)."""
+    tensors, act = make_inputs(n=7, d=5, r=2, experts=3, k=2, activation="identity", bias=False, d_out=d_out)
+    y, grads = run(grouped_adapter, tensors, act)
+    y_loop, grads_loop = run(grouped_adapter_loop, tensors, act)
+    assert y.shape == (7, d_out)
+    torch.testing.assert_close(y, y_loop)
+    for name, a, b in zip(["x", "ids", "weights", "w_down", "b_down", "w_up", "b_up"], grads, grads_loop):
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=f"gradient of {name}")
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in tensors]
+    assert torch.autograd.gradcheck(lambda *a: grouped_adapter_reference(*a, act), tuple(leaves), eps=1e-6, atol=1e-5)
+
+
+def test_forcing_a_compiled_kernel_for_experts_that_change_the_width_is_refused(monkeypatch):
+    tensors, act = make_inputs(n=4, d=5, r=2, experts=3, k=1, activation="identity", bias=False, d_out=3)
+    monkeypatch.setenv(IMPLEMENTATION_ENV, "cpp")
+    with pytest.raises(ValueError, match=r"d_out = d \(got 5 -> 3\)"):
+        grouped_adapter(*tensors, act)
+    monkeypatch.setenv(IMPLEMENTATION_ENV, "reference")
+    torch.testing.assert_close(grouped_adapter(*tensors, act), grouped_adapter_loop(*tensors, act))
+
+
 def test_bfloat16_close_to_float64():
     tensors, act = make_inputs(n=32, d=16, r=4, experts=4, k=1, dtype=torch.float64)
     expected = grouped_adapter_loop(*tensors, act)
@@ -71,7 +95,8 @@ def test_bfloat16_close_to_float64():
         (lambda t: t.__setitem__(1, torch.tensor([[0], [-1]])), "expert_ids must lie in"),
         (lambda t: t.__setitem__(1, torch.tensor([0, 1])), "expert_ids must be"),
         (lambda t: t.__setitem__(2, torch.ones(2, 2)), "expert_weights must have the shape"),
-        (lambda t: t.__setitem__(5, torch.zeros(3, 2, 5)), "w_up must be"),
+        (lambda t: t.__setitem__(5, torch.zeros(3, 3, 4)), "w_up must be"),
+        (lambda t: t.__setitem__(6, torch.zeros(3, 5)), "b_up must be"),
         (lambda t: t.__setitem__(0, torch.zeros(2, 3, 4)), "x must be"),
         (lambda t: t.__setitem__(4, torch.zeros(2, 2)), "b_down must be"),
     ],

@@ -30,7 +30,7 @@ def preset_with_local_model(preset, model_dir, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("preset", ["alter-ds", "alter-paper", "task-moe"])
+@pytest.mark.parametrize("preset", ["alter-ds", "alter-ds-lora", "alter-paper", "task-moe"])
 def test_preset_stages_train_what_they_say(preset, local_llama, tmp_path):
     config = load_config(preset_with_local_model(preset, local_llama, tmp_path))
     model = build_model(config)
@@ -39,6 +39,12 @@ def test_preset_stages_train_what_they_say(preset, local_llama, tmp_path):
     if preset == "alter-ds":
         assert len(model.blocks) == 2 and stage1["backbone"][0] == 0 and stage1["task_experts"][0] > 0
         assert stage2["task_experts"][0] == 0 and stage2["router"][0] > 0  # experts frozen, mixture learned
+    elif preset == "alter-ds-lora":  # 7 projections of both layers, each its LoRA experts, B at zero
+        projections = {name.split(".")[-1] for name in model.blocks}
+        assert len(model.blocks) == 14 and projections == {"q", "k", "v", "o", "gate", "up", "down"}
+        assert all(not block.task_experts.w_up.detach().any() for block in model.blocks.values())
+        assert stage1["backbone"][0] == 0 and stage1["task_experts"][0] > 0
+        assert stage2["task_experts"][0] == 0 and stage2["router"][0] > 0
     elif preset == "task-moe":  # three copies of both layers; stage 2 trains the (reset) copies only
         assert all(block.task_experts.num_experts == 3 for block in model.blocks.values())
         assert stage1["task_experts"][0] > 0 and stage1["router"][0] > 0 and stage1["task_embeddings"][0] > 0

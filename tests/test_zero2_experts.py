@@ -27,6 +27,7 @@ HERE = Path(__file__).parent
         ("cpp", "hard", "bottleneck", 29519),
         ("cpp", "task_embedding", "bottleneck", 29521),
         ("reference", "hard", "layer", 29523),  # hard: rank 0 routes to copy 0 only, rank 1 to copies 1 and 2
+        ("reference", "hard", "lora", 29525),
     ],
 )
 def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(
@@ -34,7 +35,8 @@ def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(
 ):
     """``cpp`` forces the compiled op (an error if it is not built), ``reference`` the PyTorch one;
     ``task_embedding`` routes through the model's one task table and each layer's MLP, all of them trained;
-    ``layer`` holds three copies of each layer as separate modules, which dense mixing keeps correct."""
+    ``layer`` holds three copies of each layer as separate modules, which dense mixing keeps correct; ``lora``
+    stacks each projection's A and B (the fused qkv widens: 3d out of d in)."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is installed with the package"
     env = dict(
@@ -68,5 +70,7 @@ def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(
         if router == "task_embedding":
             assert "task_embeddings.weight" in report["trained"]
             assert any(".router.mlp." in name for name in report["trained"])
+        if experts == "lora":  # every projection's B trains, the fused qkv's included
+            assert sum(name.endswith(".task_experts.w_up") for name in report["trained"]) == 8
         if experts == "layer":
             assert sum(".task_experts.experts.2." in name for name in report["trained"]) > 4  # copy 2 trains

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)
     parser.add_argument("--router", default="hard", choices=["hard", "task_embedding"])
-    parser.add_argument("--experts", default="bottleneck", choices=["bottleneck", "layer"])
+    parser.add_argument("--experts", default="bottleneck", choices=["bottleneck", "layer", "lora"])
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -44,6 +44,8 @@ def main() -> None:
     router = RouterConfig(kind=args.router, task_embedding_dim=8 if args.router == "task_embedding" else 0)
     if args.experts == "layer":  # three copies of every layer, all run on every rank (dense mixing)
         model = make_model("gpt2", "layer", router, shared=0, perturb=0.3, num_task_experts=3)
+    elif args.experts == "lora":  # stacked A and B beside the fused qkv, attention output and FFN projections
+        model = make_model("gpt2", "lora", router, shared=1, perturb=0.3, lora_targets=["c_attn", "o", "up", "down"])
     else:
         model = make_model("gpt2", "bottleneck", router, shared=1, perturb=0.3)
     model.set_trainable(["task_experts", "shared_experts", "router", "task_embeddings"])

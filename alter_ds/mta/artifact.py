@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -343,18 +344,29 @@ def write_artifact(
     backbone_state: dict[str, torch.Tensor] | None,
     backbone: nn.Module,
 ) -> None:
-    """Write into a temporary sibling directory and rename it into place: never a half-written model."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        metadata = dict(metadata, backbone_saved=backbone_state is not None)
-        (staging / CONFIG_FILE).write_text(json.dumps(metadata, indent=2))
+    """Write the artefact's files (``write_directory``: never a half-written model)."""
+
+    def write(staging: Path) -> None:
+        (staging / CONFIG_FILE).write_text(
+            json.dumps(dict(metadata, backbone_saved=backbone_state is not None), indent=2)
+        )
         (staging / TASKS_FILE).write_text(json.dumps(tasks, indent=2))
         save_file(mta_state, str(staging / WEIGHTS_FILE))
         if backbone_state is not None:
             (staging / BACKBONE_DIR).mkdir()
             typing.cast(Any, backbone).config.save_pretrained(str(staging / BACKBONE_DIR))
             save_file(backbone_state, str(staging / BACKBONE_DIR / "model.safetensors"))
+
+    write_directory(root, write)
+
+
+def write_directory(root: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary sibling directory, then rename it into place (replacing ``root``); a
+    failure removes the sibling and leaves ``root`` as it was."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        write(staging)
         if root.exists():
             retired = root.with_name(f".{root.name}.old")
             shutil.rmtree(retired, ignore_errors=True)

@@ -178,15 +178,24 @@ class MTABlock(nn.Module):
             return self.pretrained_forward(hidden)
         if hidden.dim() == 2:  # OPT flattens [B, T, d] to [B*T, d] around its FFN: give the tokens their rows back
             rows = self._rows_of_flat(hidden.shape[0])
-            return self.forward(hidden.reshape(rows, -1, hidden.shape[-1])).reshape(hidden.shape)
-        batch, length, width = hidden.shape
+            out = self.forward(hidden.reshape(rows, -1, hidden.shape[-1]))
+            return out.reshape(*hidden.shape[:-1], out.shape[-1])
+        out = self.dropout(self.mixture(hidden, hidden))
+        if self.scaling != 1.0:
+            out = out * self.scaling
+        return hidden + out if self.residual else out
+
+    def mixture(self, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``Σ_j w_j · expert_j(inputs)`` for ``[B, T, d]`` tensors, routed on ``hidden`` (the block's input:
+        ``inputs`` is that input or a dropout of it)."""
+        batch, length, width = inputs.shape
         expert_ids, expert_weights = self.route(hidden)
         if expert_ids.dim() == 2:  # example-level: broadcast over the example's tokens
             expert_ids = expert_ids[:, None, :].expand(batch, length, -1)
             expert_weights = expert_weights[:, None, :].expand(batch, length, -1)
         w_down, b_down, w_up, b_up = self.expert_weights()
-        flat = hidden.reshape(-1, width)
-        out = grouped_adapter(
+        flat = inputs.reshape(-1, width)
+        return grouped_adapter(
             flat,
             expert_ids.reshape(-1, expert_ids.shape[-1]),
             expert_weights.reshape(-1, expert_weights.shape[-1]).to(flat.dtype),
@@ -195,11 +204,7 @@ class MTABlock(nn.Module):
             w_up.to(flat.dtype),
             b_up.to(flat.dtype) if b_up is not None else None,
             self.task_experts.activation,
-        ).reshape(batch, length, width)
-        out = self.dropout(out)
-        if self.scaling != 1.0:
-            out = out * self.scaling
-        return hidden + out if self.residual else out
+        ).reshape(batch, length, -1)
 
     def pretrained_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the backbone computed here: nothing added (a residual adapter), or the pretrained FFN."""

@@ -5,11 +5,15 @@ lets one grouped call serve every expert and gives every expert a gradient tenso
 saw no tokens). ZeRO-1/2 reduce gradients by bucket position in hook order, so experts held as separate
 parameters that fire in a different order on different ranks get silently wrong gradients.
 
-Two kinds:
+Kinds:
 - ``bottleneck``: d -> r -> d with the up projection zero-initialised, added as a residual branch, so a fresh
   model computes exactly what the backbone computes.
 - ``ffn``: every expert a copy of the layer's pretrained feed-forward sub-layer (gated FFNs included),
   replacing it, as the official ALTER code does; copies mixed with weights summing to 1 reproduce the backbone.
+- ``lora``: low-rank updates of one linear projection (``w_down`` holds each expert's A as ``[d_in, r]``,
+  ``w_up`` its B as ``[r, d_out]``, identity activation, no biases), B zero-initialised; the block adds
+  ``(alpha / r) * Σ_j w_j B_j A_j x`` to the projection's own output (``lora.py``).
+(``layer`` experts, whole-layer copies, live in ``layer_experts.py``.)
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ class ExpertBank(nn.Module):
         bias_up: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        out_width: int | None = None,
     ):
         super().__init__()
         self.width = width
+        #: what the experts write: the width they read, except LoRA experts on a projection that changes it
+        self.out_width = out_width if out_width is not None else width
         self.rank = rank
         self.activation = activation
         down_width = 2 * rank if is_gated(activation) else rank
@@ -63,8 +70,10 @@ class ExpertBank(nn.Module):
         self.b_down = (
             nn.Parameter(torch.zeros(num_experts, down_width, dtype=dtype, device=device)) if bias_down else None
         )
-        self.w_up = nn.Parameter(torch.zeros(num_experts, rank, width, dtype=dtype, device=device))
-        self.b_up = nn.Parameter(torch.zeros(num_experts, width, dtype=dtype, device=device)) if bias_up else None
+        self.w_up = nn.Parameter(torch.zeros(num_experts, rank, self.out_width, dtype=dtype, device=device))
+        self.b_up = (
+            nn.Parameter(torch.zeros(num_experts, self.out_width, dtype=dtype, device=device)) if bias_up else None
+        )
 
     @property
     def num_experts(self) -> int:
@@ -131,6 +140,7 @@ class ExpertBank(nn.Module):
             bias_up=self.b_up is not None,
             dtype=self.w_down.dtype,
             device=self.w_down.device,
+            out_width=self.out_width,
         )
         source = self.pretrained()
         if source is not None:
@@ -156,7 +166,8 @@ class ExpertBank(nn.Module):
         return bank
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, width={self.width}, rank={self.rank}, activation={self.activation}"
+        widths = f"width={self.width}" + (f", out_width={self.out_width}" if self.out_width != self.width else "")
+        return f"experts={self.num_experts}, {widths}, rank={self.rank}, activation={self.activation}"
 
 
 #: w_down, b_down, w_up, b_up of several banks stacked along the expert dimension

@@ -9,6 +9,7 @@ self-attention output projection. Placements:
   output ``o`` becomes ``o + MTA(o)``; the original module stays inside as ``base_layer``.
 - ``replace_ffn``: the feed-forward sub-layer is replaced by the MTA block whose experts are copies of it.
 - ``replace_layer``: the whole layer is replaced by a block of routed copies of it (``layer_experts.py``).
+- ``projections``: each projection named in ``lora_targets`` gets a routed LoRA update beside it (``lora.py``).
 
 Hooks on each stack capture its attention mask (and, for encoder-decoder models, the pooled encoder output)
 into the routing context, for gates that pool over prompt tokens.
@@ -155,7 +156,7 @@ def find_attention_output(layer: nn.Module) -> tuple[nn.Module, str]:
     )
 
 
-def _in_out_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def in_out_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A projection's weight as ``[in, out]`` (nn.Linear stores ``[out, in]``; GPT-2's Conv1D ``[in, out]``)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -193,16 +194,16 @@ def read_feed_forward(layer: nn.Module) -> tuple[nn.Module, str, str, FeedForwar
     """The pretrained FFN of ``layer`` in the op's layout, with where it lives."""
     owner, in_name, out_name = find_ffn(layer)
     activation_fn = _activation_module(owner, layer)
-    w_out, b_out = _in_out_weight(getattr(owner, out_name))
+    w_out, b_out = in_out_weight(getattr(owner, out_name))
     if "," in in_name:
         gate_name, up_name = in_name.split(",")
-        w_gate, b_gate = _in_out_weight(getattr(owner, gate_name))
-        w_up, b_up = _in_out_weight(getattr(owner, up_name))
+        w_gate, b_gate = in_out_weight(getattr(owner, gate_name))
+        w_up, b_up = in_out_weight(getattr(owner, up_name))
         w_in = torch.cat([w_gate, w_up], dim=1)
         b_in = torch.cat([b_gate, b_up]) if b_gate is not None and b_up is not None else None
         activation = identify_activation(activation_fn, gated=True)
     else:
-        w_in, b_in = _in_out_weight(getattr(owner, in_name))
+        w_in, b_in = in_out_weight(getattr(owner, in_name))
         fused = any(in_name == names[0] for names in FUSED_GATED_FFN_NAMES)
         activation = identify_activation(activation_fn, gated=fused)
     return owner, in_name, out_name, FeedForwardWeights(w_in, b_in, w_out, b_out, activation)
@@ -274,6 +275,11 @@ def inject_mta(
                     residual=False, dropout=0.0, scaling=1.0, is_encoder_decoder=is_encoder_decoder,
                 )  # fmt: skip
                 stack.layers[index] = block
+            elif position == "projections":
+                for target, block in _inject_lora(layer, name, stack.name, config, router, layout, task_names,
+                                                  context, parameter, is_encoder_decoder):  # fmt: skip
+                    blocks[f"{name}.{target}"] = block
+                continue
             elif position == "replace_ffn":
                 owner, in_name, out_name, ffn = read_feed_forward(layer)
                 rank = ffn.w_out.shape[0]
@@ -288,7 +294,7 @@ def inject_mta(
                 else:
                     owner, out_name = find_attention_output(layer)
                 projection = getattr(owner, out_name)
-                width = _in_out_weight(projection)[0].shape[1]
+                width = in_out_weight(projection)[0].shape[1]
                 banks = _make_banks(config, layout, width, config.bottleneck_dim, config.activation, parameter, None)
                 block = _make_block(
                     name, stack.name, banks, config, router, layout, task_names, context, True, is_encoder_decoder
@@ -303,6 +309,42 @@ def inject_mta(
     return InjectionResult(blocks, stacks, hooks)
 
 
+def _inject_lora(
+    layer: nn.Module,
+    name: str,
+    stack: str,
+    config: MTAConfig,
+    router: RouterConfig,
+    layout: ExpertLayout,
+    task_names: list[str],
+    context: RoutingContext,
+    like: torch.Tensor,
+    is_encoder_decoder: bool,
+) -> list[tuple[str, MTABlock]]:
+    """A LoRA block beside each targeted projection of ``layer``, named by its target (``.q``, ``.c_attn``;
+    an exact name that matches several projections of the layer numbers them)."""
+    from alter_ds.mta.lora import LoRABlock, LoRAWrapped, find_lora_targets, projection_widths
+
+    found = find_lora_targets(layer, config.lora_targets)
+    counts = {target: sum(t == target for t, _, _ in found) for target, _, _ in found}
+    seen: dict[str, int] = {}
+    blocks: list[tuple[str, MTABlock]] = []
+    for target, owner, child in found:
+        projection = getattr(owner, child)
+        width, out_width = projection_widths(projection)
+        banks = _make_banks(config, layout, width, config.bottleneck_dim, "identity", like, None, False, out_width)
+        index = seen[target] = seen.get(target, -1) + 1
+        key = target if counts[target] == 1 else f"{target}{index}"
+        block = LoRABlock(
+            f"{name}.{key}", stack, banks[0], banks[1], router, layout, task_names, context,
+            residual=False, dropout=config.dropout, scaling=config.scaling * config.lora_alpha / config.bottleneck_dim,
+            is_encoder_decoder=is_encoder_decoder,
+        )  # fmt: skip
+        setattr(owner, child, LoRAWrapped(projection, block))
+        blocks.append((key, block))
+    return blocks
+
+
 def _make_banks(
     config: MTAConfig,
     layout: ExpertLayout,
@@ -311,15 +353,20 @@ def _make_banks(
     activation: str,
     like: torch.Tensor,
     ffn: FeedForwardWeights | None,
+    biases: bool = True,
+    out_width: int | None = None,
 ) -> tuple[ExpertBank, ExpertBank | None]:
-    bias = ffn is None or ffn.b_in is not None, ffn is None or ffn.b_out is not None
+    bias = (
+        biases and (ffn is None or ffn.b_in is not None),
+        biases and (ffn is None or ffn.b_out is not None),
+    )
     task_bank = ExpertBank(
-        layout.num_task_experts, width, rank, activation, bias[0], bias[1], dtype=like.dtype, device=like.device
+        layout.num_task_experts, width, rank, activation, bias[0], bias[1], like.dtype, like.device, out_width
     )
     shared_bank = None
     if layout.num_shared_experts:
         shared_bank = ExpertBank(
-            layout.num_shared_experts, width, rank, activation, bias[0], bias[1], dtype=like.dtype, device=like.device
+            layout.num_shared_experts, width, rank, activation, bias[0], bias[1], like.dtype, like.device, out_width
         )
     init_banks(task_bank, shared_bank, ffn, config.shared_init)
     if ffn is not None:

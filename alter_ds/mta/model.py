@@ -14,17 +14,20 @@ import fnmatch
 import os
 import typing
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from alter_ds.config import PARAMETER_GROUPS, ExperimentConfig, MTAConfig, RouterConfig, StageConfig, TaskConfig
 from alter_ds.errors import UsageError
-from alter_ds.mta import artifact, stages
+from alter_ds.mta import artifact, peft_export, stages
 from alter_ds.mta.block import MTABlock, RoutingContext, pool_prompt
 from alter_ds.mta.inject import hidden_width, inject_mta
 from alter_ds.mta.routers import ExpertLayout
+
+ExportFormat = Literal["alter-ds", "peft", "merged"]
+EXPORT_FORMATS: tuple[ExportFormat, ...] = typing.get_args(ExportFormat)
 
 
 def build_layout(config: MTAConfig, tasks: Sequence[TaskConfig]) -> ExpertLayout:
@@ -348,9 +351,19 @@ class MTAModel(nn.Module):
         save_backbone: bool | None = None,
         check_inputs: dict[str, torch.Tensor] | None = None,
         tolerance: float = 1e-4,
+        format: ExportFormat = "alter-ds",
     ) -> None:
-        """Write a single-task model with the task's routes frozen in (``artifact.export_task``)."""
-        artifact.export_task(self, directory, task, save_backbone, check_inputs, tolerance)
+        """Write one task: an alter-ds model with the task's routes frozen in (``artifact.export_task``), or, for
+        lora experts, a PEFT LoRA adapter (``peft``) or a plain Hugging Face model with the update merged into the
+        weights (``merged``; ``peft_export.py``)."""
+        if format == "alter-ds":
+            artifact.export_task(self, directory, task, save_backbone, check_inputs, tolerance)
+        elif format == "peft":
+            peft_export.export_peft(self, directory, task)
+        elif format == "merged":
+            peft_export.export_merged(self, directory, task)
+        else:
+            raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
     @classmethod
     def from_pretrained(

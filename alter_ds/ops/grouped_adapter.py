@@ -6,6 +6,9 @@ Gated activations (``swiglu``, ``geglu``, ``geglu_tanh``) hold the gate in the f
 down projection and the up projection in the second half (``w_down`` is ``[E, d, 2r]``), which is how a
 Llama-family or T5 v1.1 feed-forward becomes one expert.
 
+An expert may change the width (``w_up`` is ``[E, r, d_out]``, ``y`` is ``[N, d_out]``): LoRA experts on a
+projection whose output is narrower or wider than its input (grouped-query ``k``/``v``, ``up``, ``down``).
+
 Three implementations share this signature: the vectorised PyTorch ``reference`` (the fallback, below),
 and the C++ / CUDA kernels from ``csrc/`` registered as ``alter_ds::grouped_adapter``. ``grouped_adapter_loop``
 is a deliberately naive per-expert loop kept as the test oracle.
@@ -83,12 +86,13 @@ def check_grouped_adapter_args(
     rank = down_width // 2 if activation in _GATED_ACTIVATIONS else down_width
     if activation in _GATED_ACTIVATIONS and down_width % 2:
         raise ValueError(f"gated activation {activation!r} needs an even w_down width, got {down_width}")
-    if tuple(w_up.shape) != (num_experts, rank, width):
-        raise ValueError(f"w_up must be [E={num_experts}, r={rank}, d={width}], got shape {tuple(w_up.shape)}")
+    if w_up.dim() != 3 or tuple(w_up.shape[:2]) != (num_experts, rank):
+        raise ValueError(f"w_up must be [E={num_experts}, r={rank}, d_out], got shape {tuple(w_up.shape)}")
+    out_width = w_up.shape[2]
     if b_down is not None and tuple(b_down.shape) != (num_experts, down_width):
         raise ValueError(f"b_down must be [E={num_experts}, {down_width}], got shape {tuple(b_down.shape)}")
-    if b_up is not None and tuple(b_up.shape) != (num_experts, width):
-        raise ValueError(f"b_up must be [E={num_experts}, d={width}], got shape {tuple(b_up.shape)}")
+    if b_up is not None and tuple(b_up.shape) != (num_experts, out_width):
+        raise ValueError(f"b_up must be [E={num_experts}, d_out={out_width}], got shape {tuple(b_up.shape)}")
     if expert_ids.numel() and not expert_ids.is_cuda:
         low, high = int(expert_ids.min()), int(expert_ids.max())
         if low < 0 or high >= num_experts:
@@ -160,7 +164,7 @@ def grouped_adapter_reference(
     hidden = apply_activation(hidden, activation)
     out = _segment_matmul(hidden, group, counts, w_up)
     weights = expert_weights.reshape(-1)[order].to(out.dtype)
-    y = x.new_zeros(n_tokens, x.shape[1]).index_add(0, token_index, out * weights.unsqueeze(-1))
+    y = x.new_zeros(n_tokens, w_up.shape[2]).index_add(0, token_index, out * weights.unsqueeze(-1))
     if b_up is not None:
         mixture = x.new_zeros(n_tokens, num_experts).index_put((token_index, group), weights, accumulate=True)
         y = y + mixture @ b_up
@@ -178,7 +182,7 @@ def grouped_adapter_loop(
     activation: str,
 ) -> torch.Tensor:
     """The test oracle: a plain loop over experts and mixture slots, written for obviousness."""
-    y = torch.zeros_like(x)
+    y = x.new_zeros(x.shape[0], w_up.shape[2])
     for expert in range(w_down.shape[0]):
         for slot in range(expert_ids.shape[1]):
             mask = expert_ids[:, slot] == expert
@@ -235,15 +239,23 @@ def grouped_adapter(
     b_up: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    """Apply each token's experts with its mixture weights: ``x[N,d] -> y[N,d]`` (see the module docstring).
+    """Apply each token's experts with its mixture weights: ``x[N,d] -> y[N,d_out]`` (see the module docstring).
 
     Dispatches to the fastest loaded implementation; ``ALTER_DS_GROUPED_ADAPTER=reference|cpp|cuda`` forces one.
+    Experts that change the width run on the reference (the compiled kernels keep ``d_out = d``).
     """
     check_grouped_adapter_args(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
     choice = selected_implementation()
     forced_device = {"cpp": "cpu", "cuda": "cuda"}.get(choice)
     if forced_device is not None and x.device.type != forced_device:
         raise ValueError(f"{IMPLEMENTATION_ENV}={choice} runs on {forced_device} tensors, got {x.device}")
+    if w_up.shape[2] != x.shape[1]:  # the compiled kernels take experts that keep the width
+        if forced_device is not None:
+            raise ValueError(
+                f"{IMPLEMENTATION_ENV}={choice}: the compiled op takes experts with d_out = d "
+                f"(got {x.shape[1]} -> {w_up.shape[2]}); unset it to run these on the PyTorch reference"
+            )
+        return grouped_adapter_reference(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
     if choice in ("auto", "cpp", "cuda"):
         kernel = _native_kernel(x.device, forced=forced_device is not None)
         if kernel is not None:
