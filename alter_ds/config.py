@@ -602,15 +602,16 @@ def merge_by_name(items: list[Any], overrides: Mapping[str, Any], where: str) ->
 
 
 #: ``tasks: {suite: NAME, root: DIR, override: {task: {...}}}`` in place of a list: the suites alter-ds defines
-TASK_SUITES = ("default",)
+TASK_SUITES = ("default", "transfer")
 _SUITE_KEYS = ("suite", "root", "override")
 
 
 def expand_task_suite(data: Any, lines: _Lines | None = None) -> Any:
     """An experiment's raw data with a ``tasks`` suite reference replaced by the suite's task list.
 
-    The default suite is defined once, beside the corpora ``prepare-data`` builds it from
-    (``alter_ds.data.prepare.default_suite``); a config names it and changes what it needs by task name::
+    A suite is defined once, beside the corpora ``prepare-data`` builds it from (``alter_ds.data.prepare.
+    suite_tasks``: ``default``, and ``transfer``, the unseen tasks); a config names it and changes what it needs
+    by task name::
 
         tasks:
           suite: default
@@ -628,12 +629,12 @@ def expand_task_suite(data: Any, lines: _Lines | None = None) -> Any:
     suite = reference.get("suite")
     if suite not in TASK_SUITES:
         raise lines.error(("tasks", "suite"), f"unknown suite {suite!r}; the suites are {list(TASK_SUITES)}")
-    root = reference.get("root", "data/default")
+    root = reference.get("root", f"data/{suite}")
     if not isinstance(root, str):
         raise lines.error(("tasks", "root"), f"expected a directory, got {root!r}")
-    from alter_ds.data.prepare import default_suite  # the suite's definition lives with its corpora
+    from alter_ds.data.prepare import suite_tasks  # a suite's definition lives with its corpora
 
-    tasks = [config_to_dict(task) for task in default_suite(root)]
+    tasks = [config_to_dict(task) for task in suite_tasks(suite, root)]
     override = reference.get("override") or {}
     if not isinstance(override, Mapping):
         raise lines.error(("tasks", "override"), "expected a mapping of task name -> changes")

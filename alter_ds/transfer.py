@@ -232,7 +232,7 @@ def transfer_run(
 
     import yaml
 
-    from alter_ds.config import ExperimentConfig, TaskConfig, config_from_dict, load_config
+    from alter_ds.config import ExperimentConfig, TaskConfig, config_from_dict, expand_task_suite, load_config
     from alter_ds.data.collate import MultiTaskCollator
     from alter_ds.data.multitask import TokenizedTask
     from alter_ds.data.tasks import Example, load_split
@@ -250,8 +250,10 @@ def transfer_run(
     if not Path(task_file).is_file():
         raise MissingFileError(f"no task file at {task_file}")
     entries = (yaml.safe_load(Path(task_file).read_text()) or {}).get("tasks")
+    if isinstance(entries, dict):  # a suite: {suite: transfer, root: ..., override: ...}
+        entries = expand_task_suite({"tasks": entries})["tasks"]
     if not isinstance(entries, list) or not entries:
-        raise UsageError(f"{task_file}: list the unseen tasks under 'tasks:'")
+        raise UsageError(f"{task_file}: list the unseen tasks under 'tasks:' (or name a suite: {{suite: transfer}})")
     unseen = [config_from_dict(TaskConfig, entry, f"{task_file} (tasks[{i}])") for i, entry in enumerate(entries)]
     clash = [t.name for t in unseen if t.name in {k.name for k in config.tasks}]
     if clash:

