@@ -139,3 +139,40 @@ def test_analyze_names_what_is_missing(tmp_path, capsys):
     assert cli.main(["analyze", str(run), "--stage", "stage1"]) == 2
     assert "not a routing file" in capsys.readouterr().err
     assert not (run / "analysis" / "stage1").exists()
+
+
+@pytest.mark.slow
+def test_routes_learned_on_the_synthetic_families_cluster_into_them(tmp_path, capsys):
+    """A fixed-seed run (2 ranks, tiny random Llama, the 10 synthetic tasks of 3 families): stage 1 trains one
+    adapter per task under hard routes, stage 2 learns each task's mixture over all 10 adapters from uniform
+    routes. Nothing tells the router the families; tasks of a family end up leaning on each other's adapters.
+
+    Why the threshold is honest: random routes of this shape score ARI 0.14-0.22 at their 95th percentile
+    (the analysis draws 200). Over seeds 0-4 this setup scored 0.41, 1.0, 1.0, 0.41, 0.41: where it is not
+    perfect, ``uppercase`` (the one task writing capital letters) splits off and the string and rule tasks
+    merge, while the arithmetic tasks always form their own cluster. Seed 0 (the default, not a chosen one)
+    must beat chance's 95th percentile and reach 0.4. With stage 2 at lr 0.3 for 60 steps instead of 0.1 for
+    40, the routes overshoot and scored -0.04 on seeds 0 and 1: what the router learns depends on the budget."""
+    pytest.importorskip("deepspeed")
+    from tiny_experiment import task_specs, write_tiny_experiment
+    from training_runs import finish, launch
+
+    path = write_tiny_experiment(tmp_path, stage1_steps=80, stage2_steps=40)
+    config = yaml.safe_load(path.read_text())
+    config["tasks"] = task_specs(["string", "arithmetic", "rule"])
+    for task in config["tasks"]:
+        task["max_examples"] = {"dev": 16}
+    config["mta"] = {"expert_kind": "bottleneck", "bottleneck_dim": 8, "num_shared_experts": 0}
+    config["stages"][1].update(lr=0.1, router={"kind": "task_weights", "prior_assigned": 0.0, "prior_other": 0.0})
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    code, out = finish(launch(tmp_path, tmp_path / "runs"))
+    assert code == 0, out[-4000:]
+    assert cli.main(["analyze", str(tmp_path / "runs" / "tiny"), "--stage", "2"]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "runs" / "tiny" / "analysis" / "stage2" / "analysis.json").read_text())
+    assert result["adjusted_rand_index"] > result["chance"]["ari_p95"]
+    assert result["adjusted_rand_index"] >= 0.4
+    members: dict[int, set[str]] = {}
+    for task, cluster in zip(result["tasks"], result["clusters"]):
+        members.setdefault(cluster, set()).add(task)
+    assert {"add", "subtract", "multiply"} in members.values()

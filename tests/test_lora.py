@@ -61,6 +61,44 @@ def test_lora_experts_run_on_the_core_architectures(arch, tmp_path):
     torch.testing.assert_close(generated[1:2, : first.shape[1]], first)
 
 
+ROUTERS = {
+    "hard": RouterConfig(kind="hard"),
+    "task_weights": RouterConfig(kind="task_weights", top_k=2),
+    "gate": RouterConfig(kind="gate"),
+    "token": RouterConfig(kind="token", task_embedding_dim=3),
+    "task_embedding": RouterConfig(kind="task_embedding", task_embedding_dim=3),
+    "uniform": RouterConfig(kind="uniform"),
+    "fixed": RouterConfig(kind="fixed", routes={"sentiment": [1, 2], "topic": [0], "summary": [2]}),
+    "random": RouterConfig(kind="random"),
+}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_every_router_drives_lora_experts_and_each_task_exports(router, tmp_path):
+    """Mixed batches equal each example alone; the alter-ds export equals the full model on its task for every
+    router; routers with a fixed mixture per task also export to PEFT with the same logits."""
+    model = lora_model("llama", router=ROUTERS[router])
+    perturb_experts(model, 0.3)
+    inputs = batch_inputs(model)
+    task_ids = torch.tensor([2, 0, 1, 0])
+    batch = model(**inputs, task_ids=task_ids).logits
+    for i in range(4):
+        alone = model(**{k: v[i : i + 1] for k, v in inputs.items()}, task_ids=task_ids[i : i + 1]).logits
+        torch.testing.assert_close(batch[i : i + 1], alone, **TOL)
+    expected = _logits(lambda **kw: model(**kw, task_ids=["topic"] * 4), inputs)
+    model.export_task(tmp_path / "alter-ds", "topic")
+    exported = MTAModel.from_pretrained(tmp_path / "alter-ds").eval()
+    torch.testing.assert_close(_logits(lambda **kw: exported(**kw, task_ids=[0] * 4), inputs), expected, **TOL)
+    if router in ("gate", "token"):
+        with pytest.raises(UsageError, match="mixture depends on the input"):
+            model.export_task(tmp_path / "peft", "topic", format="peft")
+        return
+    peft = pytest.importorskip("peft")
+    model.export_task(tmp_path / "peft", "topic", format="peft")
+    served = peft.PeftModel.from_pretrained(tiny_backbone("llama", 0), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_logits(served, inputs), expected, **TOL)
+
+
 def test_the_update_is_alpha_over_r_times_the_mixture_of_b_a():
     model = lora_model("llama", rank=3, alpha=6.0, targets=["v"])
     perturb_experts(model, 0.3)
