@@ -31,8 +31,10 @@ constexpr int64_t kChunkRows = 1024;
 // Rows per at::parallel_for task in gathers and scatters (each row is d elements of work).
 constexpr int64_t kRowGrain = 16;
 
+// width: what an expert reads (x's columns); out_width: what it writes (y's columns; LoRA experts on a
+// projection that changes the width have out_width != width).
 struct Shapes {
-  int64_t tokens, width, slots, experts, down_width, rank;
+  int64_t tokens, width, slots, experts, down_width, rank, out_width;
 };
 
 // Tokens of one mixture slot sorted (stably) by expert: segment e is tokens[offsets[e], offsets[e + 1]).
@@ -80,18 +82,17 @@ void check_inputs(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& 
   TORCH_CHECK(ids.scalar_type() == at::kLong, "grouped_adapter: expert_ids must be int64");
   TORCH_CHECK(weights.sizes() == ids.sizes(), "grouped_adapter: expert_weights must have expert_ids' shape");
   TORCH_CHECK(w_down.dim() == 3 && w_down.size(1) == x.size(1), "grouped_adapter: w_down must be [E, d, r']");
-  TORCH_CHECK(w_up.dim() == 3 && w_up.size(0) == w_down.size(0) && w_up.size(2) == x.size(1),
-              "grouped_adapter: w_up must be [E, r, d]");
+  TORCH_CHECK(w_up.dim() == 3 && w_up.size(0) == w_down.size(0), "grouped_adapter: w_up must be [E, r, d_out]");
   TORCH_CHECK(w_down.scalar_type() == x.scalar_type() && w_up.scalar_type() == x.scalar_type(),
               "grouped_adapter: weights must have x's dtype");
   TORCH_CHECK(!b_down.has_value() || b_down->sizes() == at::IntArrayRef({w_down.size(0), w_down.size(2)}),
               "grouped_adapter: b_down must be [E, r']");
   TORCH_CHECK(!b_up.has_value() || b_up->sizes() == at::IntArrayRef({w_up.size(0), w_up.size(2)}),
-              "grouped_adapter: b_up must be [E, d]");
+              "grouped_adapter: b_up must be [E, d_out]");
 }
 
 Shapes shapes_of(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w_down, const at::Tensor& w_up) {
-  return {x.size(0), x.size(1), ids.size(1), w_down.size(0), w_down.size(2), w_up.size(1)};
+  return {x.size(0), x.size(1), ids.size(1), w_down.size(0), w_down.size(2), w_up.size(1), w_up.size(2)};
 }
 
 void check_ids_in_range(const int64_t* ids, const Shapes& s) {
@@ -166,7 +167,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
   const at::Tensor mixture = mix.to(acc.dtype()).contiguous();
   const int64_t chunk = std::min<int64_t>(kChunkRows, std::max<int64_t>(s.tokens, 1));
   at::Tensor rows_in = at::empty({chunk, s.width}, acc), pre = at::empty({chunk, s.down_width}, acc);
-  at::Tensor activated = at::empty({chunk, s.rank}, acc), rows_out = at::empty({chunk, s.width}, acc);
+  at::Tensor activated = at::empty({chunk, s.rank}, acc), rows_out = at::empty({chunk, s.out_width}, acc);
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   const int64_t* id_ptr = ids.data_ptr<int64_t>();
   const acc_t* mix_ptr = mixture.data_ptr<acc_t>();
@@ -194,9 +195,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& ids, const at::Tensor
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = tokens[i];
         const acc_t w = mix_ptr[n * s.slots + slot];
-        acc_t* y_row = y_ptr + n * s.width;
-        const acc_t* o = out_ptr + i * s.width;
-        for (int64_t c = 0; c < s.width; ++c) y_row[c] += w * o[c];
+        acc_t* y_row = y_ptr + n * s.out_width;
+        const acc_t* o = out_ptr + i * s.out_width;
+        for (int64_t c = 0; c < s.out_width; ++c) y_row[c] += w * o[c];
         std::copy(h_ptr + i * s.down_width, h_ptr + (i + 1) * s.down_width,
                   hidden_ptr + (n * s.slots + slot) * s.down_width);
       }
@@ -216,7 +217,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   const at::Tensor bu = b_up.has_value() ? b_up->to(acc.dtype()).contiguous() : at::Tensor();
   const at::Tensor mixture = mix.to(acc.dtype()).contiguous();
   const int64_t chunk = std::min<int64_t>(kChunkRows, std::max<int64_t>(s.tokens, 1));
-  at::Tensor rows_x = at::empty({chunk, s.width}, acc), rows_dy = at::empty({chunk, s.width}, acc);
+  at::Tensor rows_x = at::empty({chunk, s.width}, acc), rows_dy = at::empty({chunk, s.out_width}, acc);
   at::Tensor rows_dx = at::empty({chunk, s.width}, acc), pre = at::empty({chunk, s.down_width}, acc);
   at::Tensor activated = at::empty({chunk, s.rank}, acc), weighted = at::empty({chunk, s.rank}, acc);
   at::Tensor g = at::empty({chunk, s.rank}, acc), d_pre = at::empty({chunk, s.down_width}, acc);
@@ -236,7 +237,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
     at::Tensor dh = d_pre.narrow(0, 0, count), dxr = rows_dx.narrow(0, 0, count);
     at::Tensor wr = row_mix.narrow(0, 0, count);
     gather_rows(x_ptr, tokens, count, s.width, xr.data_ptr<acc_t>());
-    gather_rows(dy_ptr, tokens, count, s.width, dyr.data_ptr<acc_t>());
+    gather_rows(dy_ptr, tokens, count, s.out_width, dyr.data_ptr<acc_t>());
     acc_t* h_ptr = h.data_ptr<acc_t>();
     acc_t* w_ptr = wr.data_ptr<acc_t>();
     for (int64_t i = 0; i < count; ++i) {
@@ -250,7 +251,7 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
     const acc_t* g_ptr = gr.data_ptr<acc_t>();
     const acc_t* a_ptr = a.data_ptr<acc_t>();
     const acc_t* dyr_ptr = dyr.data_ptr<acc_t>();
-    const acc_t* bu_ptr = bu.defined() ? bu.data_ptr<acc_t>() + e * s.width : nullptr;
+    const acc_t* bu_ptr = bu.defined() ? bu.data_ptr<acc_t>() + e * s.out_width : nullptr;
     acc_t* dh_ptr = dh.data_ptr<acc_t>();
     acc_t* aw_ptr = aw.data_ptr<acc_t>();
     at::parallel_for(0, count, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -272,8 +273,8 @@ void backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
           }
         }
         if (bu_ptr != nullptr) {
-          const acc_t* dyi = dyr_ptr + i * s.width;
-          for (int64_t c = 0; c < s.width; ++c) dmix += dyi[c] * bu_ptr[c];
+          const acc_t* dyi = dyr_ptr + i * s.out_width;
+          for (int64_t c = 0; c < s.out_width; ++c) dmix += dyi[c] * bu_ptr[c];
         }
         dmix_ptr[tokens[i] * s.slots + slot] = dmix;
       }
@@ -307,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_adapter_cpu(const at::Tensor& x_in, c
   const Shapes& s = in.s;
   const ActivationSpec spec = in.spec;
   const auto acc = in.acc;
-  at::Tensor y_acc = at::zeros({s.tokens, s.width}, acc);
+  at::Tensor y_acc = at::zeros({s.tokens, s.out_width}, acc);
   at::Tensor hidden = at::empty({s.tokens, s.slots, s.down_width}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_adapter_cpu", [&] {
     forward_kernel<scalar_t>(x, ids, mix, w_down, b_down, w_up, b_up, spec, s, y_acc, hidden);
@@ -326,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const ActivationSpec spec = in.spec;
   const auto acc = in.acc;
   const at::Tensor grad_y = grad_y_in.to(x.scalar_type()).contiguous();
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grouped_adapter_backward: grad_y must have x's shape");
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.tokens && grad_y.size(1) == s.out_width,
+              "grouped_adapter_backward: grad_y must be [N, d_out]");
   TORCH_CHECK(hidden_in.sizes() == at::IntArrayRef({s.tokens, s.slots, s.down_width}),
               "grouped_adapter_backward: hidden must be [N, k, r']");
   const at::Tensor hidden = hidden_in.to(acc.dtype()).contiguous();
@@ -334,9 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Without weight_grads the weight gradients are empty [0] tensors and never computed.
   const at::Tensor none = at::empty({0}, acc);
   at::Tensor grad_wd = weight_grads ? at::zeros({s.experts, s.width, s.down_width}, acc) : none;
-  at::Tensor grad_wu = weight_grads ? at::zeros({s.experts, s.rank, s.width}, acc) : none;
+  at::Tensor grad_wu = weight_grads ? at::zeros({s.experts, s.rank, s.out_width}, acc) : none;
   at::Tensor grad_bd = weight_grads && b_down.has_value() ? at::zeros({s.experts, s.down_width}, acc) : none;
-  at::Tensor grad_bu = weight_grads && b_up.has_value() ? at::zeros({s.experts, s.width}, acc) : none;
+  at::Tensor grad_bu = weight_grads && b_up.has_value() ? at::zeros({s.experts, s.out_width}, acc) : none;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grouped_adapter_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_y, x, ids, mix, w_down, w_up, b_up, hidden, spec, s, weight_grads, grad_x,
                               grad_mix, grad_wd, grad_bd, grad_wu, grad_bu);

@@ -7,7 +7,8 @@ down projection and the up projection in the second half (``w_down`` is ``[E, d,
 Llama-family or T5 v1.1 feed-forward becomes one expert.
 
 An expert may change the width (``w_up`` is ``[E, r, d_out]``, ``y`` is ``[N, d_out]``): LoRA experts on a
-projection whose output is narrower or wider than its input (grouped-query ``k``/``v``, ``up``, ``down``).
+projection whose output is narrower or wider than its input (grouped-query ``k``/``v``, ``up``, ``down``). The
+reference and the C++ kernel take them; the CUDA kernels keep ``d_out = d``, so on a GPU they run on the reference.
 
 Three implementations share this signature: the vectorised PyTorch ``reference`` (the fallback, below),
 and the C++ / CUDA kernels from ``csrc/`` registered as ``alter_ds::grouped_adapter``. ``grouped_adapter_loop``
@@ -242,17 +243,17 @@ def grouped_adapter(
     """Apply each token's experts with its mixture weights: ``x[N,d] -> y[N,d_out]`` (see the module docstring).
 
     Dispatches to the fastest loaded implementation; ``ALTER_DS_GROUPED_ADAPTER=reference|cpp|cuda`` forces one.
-    Experts that change the width run on the reference (the compiled kernels keep ``d_out = d``).
+    On a GPU, experts that change the width run on the reference (the CUDA kernels keep ``d_out = d``).
     """
     check_grouped_adapter_args(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
     choice = selected_implementation()
     forced_device = {"cpp": "cpu", "cuda": "cuda"}.get(choice)
     if forced_device is not None and x.device.type != forced_device:
         raise ValueError(f"{IMPLEMENTATION_ENV}={choice} runs on {forced_device} tensors, got {x.device}")
-    if w_up.shape[2] != x.shape[1]:  # the compiled kernels take experts that keep the width
+    if w_up.shape[2] != x.shape[1] and x.device.type == "cuda":  # the CUDA kernels keep the width
         if forced_device is not None:
             raise ValueError(
-                f"{IMPLEMENTATION_ENV}={choice}: the compiled op takes experts with d_out = d "
+                f"{IMPLEMENTATION_ENV}={choice}: the CUDA kernels take experts with d_out = d "
                 f"(got {x.shape[1]} -> {w_up.shape[2]}); unset it to run these on the PyTorch reference"
             )
         return grouped_adapter_reference(x, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)

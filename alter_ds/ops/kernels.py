@@ -31,7 +31,7 @@ def _fake_forward(
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = x.new_empty((x.shape[0], expert_ids.shape[1], w_down.shape[2]), dtype=_accumulation_dtype(x.dtype))
-    return x.new_empty(x.shape), hidden
+    return x.new_empty((x.shape[0], w_up.shape[2])), hidden
 
 
 def _fake_backward(
