@@ -146,3 +146,53 @@ def test_skewed_routing_takes_the_unpadded_path_with_the_same_gradients(ids):
     for a, b in zip(g_ref, g_loop):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "activation, bias, d_out", [("relu", True, None), ("swiglu", False, None), ("identity", False, 3)]
+)
+def test_per_example_routes_through_batched_matmuls_equal_the_op(activation, bias, d_out):
+    """Routes chosen per example (``expert_ids [B, k]``, as every task-level router gives) take
+    ``per_example_experts`` in the model: each example's experts gathered, two bmm's per slot. Against the loop
+    oracle on the routes broadcast to tokens: output and every gradient, float64, and a gradcheck."""
+    from alter_ds.mta.block import per_example_experts
+
+    batch, length, d = 5, 4, 6
+    tensors, act = make_inputs(n=batch, d=d, r=3, experts=4, k=2, activation=activation, bias=bias, d_out=d_out)
+    x = torch.randn(batch, length, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ids, weights = tensors[1], tensors[2]
+    expert_args = tensors[3:]
+
+    def per_example(x, weights, *expert):
+        return per_example_experts(x, ids, weights, *expert, act)
+
+    def oracle(x, weights, *expert):
+        tokens = x.reshape(-1, d)
+        flat_ids = ids[:, None, :].expand(batch, length, -1).reshape(-1, 2)
+        flat_weights = weights[:, None, :].expand(batch, length, -1).reshape(-1, 2)
+        return grouped_adapter_loop(tokens, flat_ids, flat_weights, *expert, act).reshape(batch, length, -1)
+
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weights, *expert_args)]
+    got = per_example(*leaves)
+    got.square().sum().backward()
+    grads = [t.grad if t is not None else None for t in leaves]
+    for t in leaves:
+        if t is not None:
+            t.grad = None
+    want = oracle(*leaves)
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want)
+    for name, a, t in zip(["x", "weights", "w_down", "b_down", "w_up", "b_up"], grads, leaves):
+        if t is not None:
+            torch.testing.assert_close(a, t.grad, msg=f"gradient of {name}")
+    unused = sorted(set(range(4)) - set(ids.flatten().tolist()))
+    if unused:  # experts no example chose: a dense zero gradient, not None
+        assert not bool(grads[2][unused].any())
+    present = [t for t in leaves if t is not None]
+    assert torch.autograd.gradcheck(lambda *a: per_example(*a[:2], *_fill(a[2:], expert_args)), tuple(present))
+
+
+def _fill(given, template):
+    """The expert tensors in the op's order, with None where the template has no bias."""
+    values = iter(given)
+    return [next(values) if t is not None else None for t in template]

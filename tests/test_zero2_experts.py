@@ -29,6 +29,7 @@ HERE = Path(__file__).parent
         ("reference", "hard", "layer", 29523),  # hard: rank 0 routes to copy 0 only, rank 1 to copies 1 and 2
         ("reference", "hard", "lora", 29525),
         ("cpp", "hard", "lora", 29527),  # the compiled kernel on the widening qkv and the other projections
+        ("auto", "hard", "lora", 29529),  # what runs by default: per-example routes through batched matmuls
     ],
 )
 def test_zero2_step_with_tasks_missing_on_each_rank_matches_single_process(

@@ -20,7 +20,7 @@ from torch import nn
 from alter_ds.config import RouterConfig
 from alter_ds.mta.experts import ExpertBank, StackedWeights, stacked_weights
 from alter_ds.mta.routers import ExpertLayout, Router, build_router
-from alter_ds.ops.grouped_adapter import grouped_adapter
+from alter_ds.ops.grouped_adapter import apply_activation, grouped_adapter, selected_implementation
 
 
 @dataclass
@@ -121,6 +121,44 @@ def _moved_experts(old: ExpertLayout, new: ExpertLayout) -> dict[int, int] | Non
     return moved
 
 
+def _per_example_path(inputs: torch.Tensor, b_down: torch.Tensor | None, b_up: torch.Tensor | None) -> bool:
+    """Example-level routes take ``per_example_experts`` unless an implementation of the op is forced (tests and
+    benchmarks of the op itself) or biases would get their gradient summed in half precision (see
+    ``grouped_adapter_reference``)."""
+    exact = inputs.dtype in (torch.float32, torch.float64) or (b_down is None and b_up is None)
+    return exact and selected_implementation() == "auto"
+
+
+def per_example_experts(
+    inputs: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """The grouped op for routes chosen per example (``expert_ids [B, k]``): each example's k experts' weights
+    are gathered and applied to all its tokens with batched matmuls, as multi-LoRA servers do, instead of sorting
+    every token by expert. Same result (``tests/test_model.py`` compares it with the op); the stacked weights
+    still get dense gradients (zeros for experts no example used), which ZeRO-2 needs."""
+    dtype = inputs.dtype
+    out: torch.Tensor | None = None
+    for slot in range(expert_ids.shape[1]):
+        chosen = expert_ids[:, slot]
+        hidden = torch.bmm(inputs, w_down.index_select(0, chosen).to(dtype))
+        if b_down is not None:
+            hidden = hidden + b_down.index_select(0, chosen).to(dtype)[:, None, :]
+        hidden = torch.bmm(apply_activation(hidden, activation), w_up.index_select(0, chosen).to(dtype))
+        if b_up is not None:
+            hidden = hidden + b_up.index_select(0, chosen).to(dtype)[:, None, :]
+        term = hidden * expert_weights[:, slot, None, None].to(dtype)
+        out = term if out is None else out + term
+    assert out is not None, "a route has at least one slot"
+    return out
+
+
 def pool_prompt(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``hidden [B, T, d]`` over the tokens where ``mask [B, T]`` is set (all when None)."""
     if mask is None:
@@ -190,10 +228,14 @@ class MTABlock(nn.Module):
         ``inputs`` is that input or a dropout of it)."""
         batch, length, width = inputs.shape
         expert_ids, expert_weights = self.route(hidden)
+        w_down, b_down, w_up, b_up = self.expert_weights()
+        if expert_ids.dim() == 2 and _per_example_path(inputs, b_down, b_up):
+            return per_example_experts(
+                inputs, expert_ids, expert_weights, w_down, b_down, w_up, b_up, self.task_experts.activation
+            )
         if expert_ids.dim() == 2:  # example-level: broadcast over the example's tokens
             expert_ids = expert_ids[:, None, :].expand(batch, length, -1)
             expert_weights = expert_weights[:, None, :].expand(batch, length, -1)
-        w_down, b_down, w_up, b_up = self.expert_weights()
         flat = inputs.reshape(-1, width)
         return grouped_adapter(
             flat,
