@@ -10,8 +10,9 @@
 #   train     benchmarks/gpu_train_check.py: NCCL + bf16 through the launcher, SIGTERM, resume, collective devices
 #   op        benchmarks/bench_grouped_adapter.py at d=4096, r=16, N=32k, T=4/16/64, three routings
 #   step      benchmarks/bench_mta_step.py on the GPU: SmolLM2-135M architecture, bf16, T=16
-# The dry run runs install (scratch), the kernel cases and the training check on the CPU, and collects the GPU
-# tests, so the script cannot rot unnoticed. Exit status: the number of failed steps (0: all passed).
+#   peers     benchmarks/bench_peers.py on the GPU: LoRA experts against PEFT (per-task adapters, one LoRA)
+# The dry run runs install (scratch), the kernel cases, the training check and a one-layer peer comparison on
+# the CPU, and collects the GPU tests, so the script cannot rot unnoticed. Exit status: the number of failed steps (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 dry_run=0
@@ -67,6 +68,7 @@ if ((dry_run)); then
   step train "$python" benchmarks/gpu_train_check.py --out "$out/train"
   skip op "needs a GPU"
   skip step "needs a GPU"
+  step peers "$python" benchmarks/bench_peers.py --layers 1 --batch 8 --length 8 --tasks 4 --reps 1 --warmup 0
 else
   step kernels "$python" -m pytest -q -m gpu tests/test_grouped_adapter_kernels.py
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$python" benchmarks/gpu_kernel_cases.py
@@ -76,6 +78,7 @@ else
     --experts 4 16 64 --json "$out/op.json"
   step step "$python" benchmarks/bench_mta_step.py --device cuda --dtype bf16 --tasks 16 --reps 10 \
     --json "$out/step.json"
+  step peers "$python" benchmarks/bench_peers.py --device cuda --tasks 4 16 64 --reps 5 --json "$out/peers.json"
 fi
 echo "failed steps: $failed" | tee -a "$out/summary.txt"
 exit "$failed"
