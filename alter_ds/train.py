@@ -609,6 +609,18 @@ def run(argv: list[str] | None = None) -> int:
     except AlterDsError as error:
         print(f"alter-ds train: {error}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to interpreter teardown, its backend's
+    threads can be destroyed while joinable, and a rank then aborts ("terminate called without an active
+    exception", exit -6) after it has already decided its exit status (seen once in CI on the exit-2 path)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
