@@ -7,8 +7,9 @@ each label text after the prompt (no free-form parsing); other tasks generate gr
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -140,13 +141,21 @@ def label_scores_shared_prompt(
         width = max(len(ids) for ids in label_ids)
         per_chunk = max(1, min(batch_size, SHARED_PROMPT_TOKEN_BUDGET // (len(label_ids) * width)))
         score_chunk = _seq2seq_label_scores if seq2seq else _decoder_label_scores
-        for start in range(0, len(positions), per_chunk):
-            chunk = positions[start : start + per_chunk]
-            prompts = [encode_prompt(tokenizer, task, items[p][2].prompt) for p in chunk]
-            rows = score_chunk(model, prompts, label_ids, task_id, tokenizer.pad_token_id, device)
+        prompts = {p: encode_prompt(tokenizer, task, items[p][2].prompt) for p in positions}
+        ordered = largest_first({p: len(prompts[p]) for p in positions})
+        for start in range(0, len(ordered), per_chunk):
+            chunk = ordered[start : start + per_chunk]
+            rows = score_chunk(model, [prompts[p] for p in chunk], label_ids, task_id, tokenizer.pad_token_id, device)
             for position, row in zip(chunk, rows):
                 scores[position] = row
     return scores
+
+
+def largest_first(sizes: Mapping[int, Any]) -> list[int]:
+    """The keys of ``sizes`` by decreasing size (stable), so that neighbours, batched together, pad little. A
+    row's result does not depend on what else its batch holds, so the order changes the cost, not the scores;
+    the largest batch first puts the peak memory at the start."""
+    return sorted(sizes, key=sizes.__getitem__, reverse=True)
 
 
 def _mean_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,40 +167,49 @@ def _mean_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, mask: torc
 def _decoder_label_scores(
     model: Any, prompts: list[list[int]], label_ids: list[list[int]], task_id: int, pad: int, device: torch.device
 ) -> list[list[float]]:
-    num_labels, width = len(label_ids), max(len(ids) for ids in label_ids)
+    """The prompts once into a KV cache, then each group of equally long labels on a copy of it: labels of
+    2 and 11 tokens never share a padded batch (a group's rows are the group's labels, repeated per prompt)."""
+    num_prompts = len(prompts)
     input_ids = pad_rows(prompts, pad, "left").to(device)
     attention = pad_rows([[1] * len(p) for p in prompts], 0, "left").to(device)
     positions = (attention.cumsum(1) - 1).clamp_min(0)
-    labels = pad_rows(label_ids, IGNORE_INDEX).to(device)  # [L, width]
-    label_mask = (labels != IGNORE_INDEX).float()
     parameters = inspect.signature(model.backbone.forward).parameters
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prompt's last logits only
-    with model.routed([task_id] * len(prompts), generating=True):
+    cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.x / 4.x
+    groups: dict[int, list[int]] = {}
+    for index, ids in enumerate(label_ids):
+        groups.setdefault(len(ids), []).append(index)
+    scores = torch.empty(num_prompts, len(label_ids))
+    with model.routed([task_id] * num_prompts, generating=True):
         out = model.backbone(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **last_only
         )
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, labels[:, 0]]  # [P, L]
-        total = first.reshape(-1)
-        if width > 1:  # the labels' tokens (all but the last) on top of the prompt's cache, one row per label
-            # transformers 5.x names the KV cache "cache", 4.x "past_key_values"
-            cache_key = "cache" if "cache" in parameters else "past_key_values"
-            cache = getattr(out, cache_key)
-            cache.batch_repeat_interleave(num_labels)
-            continuation = labels[:, :-1].repeat(len(prompts), 1)
-            continuation_mask = label_mask[:, :-1].repeat(len(prompts), 1).long()
-            mask = torch.cat([attention.repeat_interleave(num_labels, 0), continuation_mask], dim=1)
-            start = attention.sum(1).repeat_interleave(num_labels)[:, None]
-            later = model.backbone(
-                input_ids=continuation.clamp_min(0).masked_fill(continuation_mask == 0, pad),
-                attention_mask=mask,
-                position_ids=start + torch.arange(width - 1, device=device),
-                use_cache=False,
-                **{cache_key: cache},
-            )
-            targets = labels[:, 1:].repeat(len(prompts), 1)
-            total = total + _mean_log_likelihood(later.logits, targets, label_mask[:, 1:].repeat(len(prompts), 1))
-    lengths = label_mask.sum(1).repeat(len(prompts))
-    return (total / lengths).reshape(len(prompts), num_labels).tolist()
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [P, V]: every label's first token
+        remaining = sum(width > 1 for width in groups)
+        for width, members in sorted(groups.items()):
+            tokens = torch.tensor([label_ids[m] for m in members], device=device)  # [G, width]
+            total = first[:, tokens[:, 0]]  # [P, G]
+            if width > 1:  # the tokens before the last on top of the prompt's cache, one row per (prompt, label)
+                remaining -= 1
+                cache = getattr(out, cache_key)
+                cache = copy.deepcopy(cache) if remaining else cache  # the forward appends to the cache it gets
+                cache.batch_repeat_interleave(len(members))
+                rows = num_prompts * len(members)
+                later = model.backbone(
+                    input_ids=tokens[:, :-1].repeat(num_prompts, 1),
+                    attention_mask=torch.cat(
+                        [attention.repeat_interleave(len(members), 0), attention.new_ones(rows, width - 1)], dim=1
+                    ),
+                    position_ids=attention.sum(1).repeat_interleave(len(members))[:, None]
+                    + torch.arange(width - 1, device=device),
+                    use_cache=False,
+                    **{cache_key: cache},
+                )
+                targets = tokens[:, 1:].repeat(num_prompts, 1)
+                later_total = _mean_log_likelihood(later.logits, targets, torch.ones_like(targets, dtype=torch.float))
+                total = total + later_total.reshape(num_prompts, len(members))
+            scores[:, members] = total.cpu() / width
+    return scores.tolist()
 
 
 def _seq2seq_label_scores(
@@ -223,29 +241,30 @@ def _generate(
     """Greedy generation over mixed-task batches: each batch generates up to its longest task's target
     limit, and each row keeps its own task's limit (greedy tokens do not depend on how long one goes on)."""
     collator = MultiTaskCollator(tokenizer.pad_token_id, seq2seq, padding_side="left")
-    outputs: list[str] = []
+    outputs: list[str] = ["" for _ in items]
     device = _device(model)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = []
-        for task_id, _, example in chunk:
-            task = tasks[task_id]
-            ids = encode_prompt(tokenizer, task, example.prompt)
-            prompts.append(TokenizedExample(task_id, ids, ids, len(ids)))
-        batch = collator(prompts)
-        limits = [tasks[task_id].max_target_tokens for task_id, _, _ in chunk]
+    encoded = [encode_prompt(tokenizer, tasks[task_id], example.prompt) for task_id, _, example in items]
+    limits = [tasks[task_id].max_target_tokens for task_id, _, _ in items]
+    # by target limit, then prompt length: a batch generates up to its largest limit and pads to its longest prompt
+    ordered = largest_first({i: (limits[i], len(encoded[i])) for i in range(len(items))})
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        batch = collator([TokenizedExample(items[i][0], encoded[i], encoded[i], len(encoded[i])) for i in chunk])
         generated = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
             task_ids=batch["task_ids"].to(device),
-            max_new_tokens=max(limits),
+            max_new_tokens=max(limits[i] for i in chunk),
             do_sample=False,
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id,
         )
         new_tokens = generated if seq2seq else generated[:, batch["input_ids"].shape[1] :]
-        rows = [row[: limit + (1 if seq2seq else 0)] for row, limit in zip(new_tokens.tolist(), limits)]
-        outputs += [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+        rows = [
+            row[: limit + (1 if seq2seq else 0)] for row, limit in zip(new_tokens.tolist(), (limits[i] for i in chunk))
+        ]
+        for i, text in zip(chunk, tokenizer.batch_decode(rows, skip_special_tokens=True)):
+            outputs[i] = text.strip()
     return outputs
 
 

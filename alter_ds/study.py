@@ -202,8 +202,11 @@ class Study:
                 continue
             self._write_config(run)
             started = time.perf_counter()
-            log(f"{label}: training ({run.run_dir / 'train.log'})")
-            self._train(run)
+            if self._trained(run):  # scored under other evaluation settings: score it again, keep the training
+                log(f"{label}: trained earlier; its scores were for other evaluation settings")
+            else:
+                log(f"{label}: training ({run.run_dir / 'train.log'})")
+                self._train(run)
             log(f"{label}: evaluating on {self._eval_description()}")
             self._evaluate(run, time.perf_counter() - started)
             log(f"{label}: finished in {_minutes(time.perf_counter() - started)}")
@@ -214,11 +217,37 @@ class Study:
         limit = self.config.eval.max_examples
         return f"{'all' if limit is None else f'the first {limit}'} {self.config.eval.split} examples of each task"
 
+    def scored_as(self, run: Run) -> dict[str, Any]:
+        """What the study asks a run's scores to be of; a record scored otherwise (say, on 100 examples
+        where the study now asks for 200) is stale. The batch size changes the cost only, so it is left out."""
+        config = self.experiments[(run.arm, run.seed)]
+        arm = next(a for a in self.config.arms if a.name == run.arm)
+        names = [stage.name for stage in config.stages]
+        settings = self.config.eval
+        return {
+            "split": settings.split,
+            "max_examples": settings.max_examples,
+            "seed": settings.seed,
+            "stages": names[-1:] if (arm.eval_stages or settings.stages) == "last" else names,
+        }
+
+    def record(self, run: Run) -> dict[str, Any] | None:
+        """The run's scores, if it has them for the evaluation the study asks for now."""
+        path = run.run_dir / "eval" / STUDY_EVAL_FILE
+        if not path.is_file():
+            return None
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record if record.get("scored_as") == self.scored_as(run) else None
+
     def _finished(self, run: Run) -> bool:
-        if not (run.run_dir / "eval" / STUDY_EVAL_FILE).is_file():
+        if self.record(run) is None:
             return False
         self._check_unchanged(run)
         return True
+
+    def _trained(self, run: Run) -> bool:
+        layout = RunLayout.of(self.experiments[(run.arm, run.seed)])
+        return all(layout.stage_finished(index) for index in range(len(layout.stage_names)))
 
     def _config_text(self, run: Run) -> str:
         return yaml.safe_dump(dataclasses.asdict(self.experiments[(run.arm, run.seed)]), sort_keys=False)
@@ -261,19 +290,17 @@ class Study:
 
     def _evaluate(self, run: Run, train_seconds: float) -> None:
         config = self.experiments[(run.arm, run.seed)]
-        stages = list(range(len(config.stages)))
-        arm = next(a for a in self.config.arms if a.name == run.arm)
-        if (arm.eval_stages or self.config.eval.stages) == "last":
-            stages = stages[-1:]
+        scored_as = self.scored_as(run)
         results: dict[str, Any] = {}
         layout = RunLayout.of(config)
-        for index in stages:
-            results[config.stages[index].name] = self._score(config, layout.model_dir(index))
+        for name in scored_as["stages"]:
+            results[name] = self._score(config, layout.model_dir(layout.stage_index(name)))
         summaries = {name: json.loads(layout.summary_file(i).read_text()) for i, name in enumerate(layout.stage_names)}
         record = {
             "arm": run.arm,
             "seed": run.seed,
             "split": self.config.eval.split,
+            "scored_as": scored_as,
             "final_stage": config.stages[-1].name,
             "stages": results,
             "seconds": round(train_seconds, 1),  # this invocation's launch to exported model (0-ish if resumed)
@@ -286,16 +313,29 @@ class Study:
         }
         _write_atomic(run.run_dir / "eval" / STUDY_EVAL_FILE, json.dumps(record, indent=2))
 
+    def backbone_scored_as(self) -> dict[str, Any]:
+        settings = self.config.eval
+        return {"split": settings.split, "max_examples": settings.max_examples, "seed": settings.seed}
+
+    def backbone_record(self) -> dict[str, Any] | None:
+        """The backbone's scores, if they are for the evaluation the study asks for now."""
+        path = self.root / "backbone_eval.json"
+        if not path.is_file():
+            return None
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record if record.get("scored_as") == self.backbone_scored_as() else None
+
     def _evaluate_backbone(self, log: Any) -> None:
         out = self.root / "backbone_eval.json"
-        if out.is_file():
+        if self.backbone_record() is not None:
             return
         log(f"backbone: evaluating on {self._eval_description()}")
         config = next(iter(self.experiments.values()))
         config = dataclasses.replace(
             config, mta=dataclasses.replace(config.mta, layers="none", encoder_layers=None, decoder_layers=None)
         )
-        _write_atomic(out, json.dumps(self._score(config, None), indent=2))
+        record = {"scored_as": self.backbone_scored_as(), **self._score(config, None)}
+        _write_atomic(out, json.dumps(record, indent=2))
 
     def _score(self, config: ExperimentConfig, model_dir: Path | None) -> dict[str, Any]:
         """Per-task results of one model on the study's examples, and its mean routing per task and layer."""
@@ -363,10 +403,9 @@ def collect(study: Study) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     tasks: dict[str, Any] = {}
     for run in study.runs:
-        path = run.run_dir / "eval" / STUDY_EVAL_FILE
-        if not path.is_file():
+        record = study.record(run)
+        if record is None:
             continue
-        record = json.loads(path.read_text())
         arm = arms.setdefault(run.arm, {"seeds": {}, "stages": []})
         arm["seeds"][str(run.seed)] = record
         arm["stages"] = list(record["stages"])
@@ -402,8 +441,8 @@ def collect(study: Study) -> dict[str, Any]:
                     "std": _spread(gains),
                     "per_seed": gains,
                 }
-    backbone_file = study.root / "backbone_eval.json"
-    backbone = json.loads(backbone_file.read_text())["tasks"] if backbone_file.is_file() else None
+    backbone_record = study.backbone_record()
+    backbone = backbone_record["tasks"] if backbone_record else None
     return {
         "study": study.config.name,
         "baseline": study.config.baseline,
@@ -413,7 +452,7 @@ def collect(study: Study) -> dict[str, Any]:
         "arg_excluded_tasks": excluded,
         "backbone": {t: r["score"] for t, r in backbone.items()} if backbone else None,
         "arms": arms,
-        "runs_missing": [run.name for run in study.runs if not (run.run_dir / "eval" / STUDY_EVAL_FILE).is_file()],
+        "runs_missing": [run.name for run in study.runs if study.record(run) is None],
     }
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from bench_mta_step import _Bound, peak_mb, smollm2_like, time_steps
+from isolated import run_case
 
 from alter_ds.config import MTAConfig, RouterConfig, TaskConfig
 from alter_ds.mta import MTAModel
@@ -95,13 +94,7 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(measure(args.one, args)))
         return
-    passthrough = [a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
-    rows = []
-    for copies in [0, *args.copies]:
-        out = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--one", str(copies)], capture_output=True, text=True, check=True
-        ).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = [run_case(__file__, [str(copies)]) for copies in [0, *args.copies]]
     reference = rows[0]
     layers = chosen_layers(args.expert_layers, args.layers)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "

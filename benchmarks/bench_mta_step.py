@@ -21,13 +21,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from isolated import run_case
 from safetensors.torch import save_file
 
 from alter_ds.config import MTAConfig, RouterConfig, TaskConfig
@@ -149,16 +148,7 @@ def main() -> None:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args)))
         return
     runs = [("backbone", 0)] + [(setting, t) for t in args.tasks for setting in ("mta+bb", "mta")]
-    passthrough = [a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
-    rows = []
-    for setting, tasks in runs:
-        out = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--one", setting, str(tasks)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = [run_case(__file__, [setting, str(tasks)]) for setting, tasks in runs]
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"batch {args.batch} x {args.length} tokens, r={args.rank}, layers={args.layers}, reps={args.reps}")

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 from bench_mta_step import _Bound, peak_mb, smollm2_like, synchronize
+from isolated import run_case
 
 from alter_ds.config import MTAConfig, RouterConfig, TaskConfig
 from alter_ds.mta import MTAModel
@@ -134,17 +134,10 @@ def main() -> None:
     bad = [t for t in args.tasks if args.batch % t]
     if bad:
         raise SystemExit(f"--batch {args.batch} is not a multiple of T = {bad}: every task needs its examples")
-    passthrough = [a for i, a in enumerate(sys.argv[1:]) if a != "--json" and sys.argv[i] != "--json"]
     rows = []
     for tasks in args.tasks:
         for setting in SETTINGS:
-            out = subprocess.run(
-                [sys.executable, __file__, *passthrough, "--one", setting, str(tasks)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append(run_case(__file__, [setting, str(tasks)]))
             print(f"  {setting} T={tasks}: {rows[-1]['median_s']:.2f} s", file=sys.stderr, flush=True)
     machine = platform.processor() or platform.machine()
     print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}")

@@ -128,6 +128,7 @@ def _fake_record(study, run, scores_by_stage):
         "arm": run.arm,
         "seed": run.seed,
         "split": "test",
+        "scored_as": study.scored_as(run),
         "final_stage": list(scores_by_stage)[-1],
         "stages": stages,
         "seconds": 60.0,
@@ -170,6 +171,24 @@ def test_report_means_spreads_and_arg_against_the_baseline_mean(workspace):
     assert "## What `mta` routes by" in markdown and "declare one category only" in markdown
     saved = json.loads((study.root / "results.json").read_text())
     assert saved["arms"]["mta"]["arg"]["stage2"]["mean"] == pytest.approx(0.15)
+
+
+def test_scores_for_other_evaluation_settings_are_stale(workspace):
+    """A run scored on 6 examples is not finished for a study that now asks for 4: the report leaves it out
+    (never mixing evaluation sets) and the driver scores it again."""
+    study = Study(write_study(workspace, eval={"backbone": False, "max_examples": 6}))
+    for run in study.runs:
+        scores = {"train": {"a": 50.0}} if run.arm == "single-adapter" else {"stage1": {"a": 5.0}, "stage2": {"a": 6.0}}
+        _fake_record(study, run, scores)
+    assert [study._finished(run) for run in study.runs] == [True, True]
+    assert report(study)["runs_missing"] == []
+    fewer = Study(write_study(workspace, eval={"backbone": False, "max_examples": 4}))
+    assert [fewer.record(run) for run in fewer.runs] == [None, None]
+    assert not any(fewer._finished(run) for run in fewer.runs)
+    assert report(fewer)["runs_missing"] == [run.name for run in fewer.runs]
+    last_only = Study(write_study(workspace, eval={"backbone": False, "max_examples": 6, "stages": "last"}))
+    assert last_only.record(last_only.runs[0]) is not None  # one stage: "last" and "all" score the same
+    assert last_only.record(last_only.runs[1]) is None  # two stages: the record scored both
 
 
 def _start(study_file: Path, cwd: Path) -> subprocess.Popen:
@@ -216,6 +235,20 @@ def test_a_killed_study_resumes_without_rerunning_the_finished_arm(workspace):
     assert results["arms"]["mta"]["arg"]["stage2"]["mean"] == pytest.approx(expected)
     assert set(records["mta"]["stages"]) == {"stage1", "stage2"}  # both stages scored on the same examples
     assert (study.root / "results.md").is_file() and (study.root / "routing.png").is_file()
+
+    # evaluation settings changed: every run is scored again on the new examples, none is trained again
+    logs = {run.name: (run.run_dir / "train.log").read_text() for run in study.runs}
+    fewer = write_study(workspace, eval={"max_examples": 4, "batch_size": 8})
+    process = _start(fewer, workspace)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    assert "[1/2] single-adapter-seed0: trained earlier; its scores were for other evaluation settings" in out
+    assert "training (" not in out
+    assert {run.name: (run.run_dir / "train.log").read_text() for run in study.runs} == logs
+    for run in study.runs:
+        record = json.loads((run.run_dir / "eval" / STUDY_EVAL_FILE).read_text())
+        assert {v["examples"] for v in record["stages"][record["final_stage"]]["tasks"].values()} == {4}
+    assert json.loads((study.root / "backbone_eval.json").read_text())["scored_as"]["max_examples"] == 4
 
     # the same study with an arm changed after it ran is refused, naming the arm
     slower = {**SINGLE_ADAPTER, "stages": [{**SINGLE_ADAPTER["stages"][0], "lr": 1e-2}]}

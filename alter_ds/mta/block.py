@@ -218,6 +218,10 @@ class MTABlock(nn.Module):
             rows = self._rows_of_flat(hidden.shape[0])
             out = self.forward(hidden.reshape(rows, -1, hidden.shape[-1]))
             return out.reshape(*hidden.shape[:-1], out.shape[-1])
+        return self.adapted(hidden)
+
+    def adapted(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's output for ``[B, T, d]`` tokens once routing applies: what each expert kind changes."""
         out = self.dropout(self.mixture(hidden, hidden))
         if self.scaling != 1.0:
             out = out * self.scaling

@@ -106,13 +106,9 @@ class LoRABlock(MTABlock):
     """The routed LoRA update of one projection: ``scaling · Σ_j w_j B_j A_j dropout(x)`` (the wrapper adds
     ``W·x``). ``scaling`` is ``lora_alpha / r``; dropout acts on the input, as PEFT's ``lora_dropout`` does."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.context.pretrained_only:
-            return self.pretrained_forward(hidden)
-        if hidden.dim() == 2:
-            rows = self._rows_of_flat(hidden.shape[0])
-            out = self.forward(hidden.reshape(rows, -1, hidden.shape[-1]))
-            return out.reshape(*hidden.shape[:-1], out.shape[-1])
+    def adapted(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LoRA's dropout is on the input (PEFT's ``lora_dropout``), and the result is added to the projection's
+        output by ``LoRAWrapped``, not to the input."""
         return self.mixture(hidden, self.dropout(hidden)) * self.scaling
 
     def pretrained_forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -147,14 +147,13 @@ def export_peft(
 def merged_state_dict(model: MTAModel, task: str | int) -> dict[str, torch.Tensor]:
     """The backbone's weights with the task's update added to each targeted projection, under the stock
     model's parameter names (the wrappers' ``base_layer.`` removed)."""
-    deltas = {f"{f.module}.weight": f.delta_weight() for f in fold_task(model, task)}
-    wrapped = [path for path, _ in _lora_modules(model).values()]
+    deltas = {f"{f.module}.weight": f.delta_weight() for f in fold_task(model, task)}  # checks the experts
+    wrapped = {path for path, _ in _lora_modules(model).values()}
     state: dict[str, torch.Tensor] = {}
     for key, tensor in backbone_state_dict(model).items():
-        for path in wrapped:
-            if key.startswith(f"{path}.base_layer."):
-                key = f"{path}.{key[len(path) + len('.base_layer.') :]}"
-                break
+        path, inside, rest = key.rpartition(".base_layer.")
+        if inside and path in wrapped:
+            key = f"{path}.{rest}"
         if key in deltas:
             tensor = (tensor.float() + deltas[key]).to(tensor.dtype)
         state[key] = tensor
