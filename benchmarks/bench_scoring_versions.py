@@ -4,7 +4,8 @@ Runs ``alter_ds.evaluate.evaluate`` (label scoring of the classification tasks, 
 on the first N test examples of every task of a config, with the backbone as the study scores it (no experts),
 once per revision and repetition, alternating the revisions in fresh interpreters, so that both see the same
 machine load. Prints each run's seconds, the median ratio, and the largest difference of the task scores
-(same examples, same model: they should agree up to fp32 rounding of another batch layout).
+(same examples, same model: they should agree up to fp32 rounding of another batch layout) and the tokens
+that went through the backbone (padding included, every generation step counted).
 
     python benchmarks/bench_scoring_versions.py --model models/SmolLM2-135M-Instruct --against 1ee3d66 -n 50
 
@@ -47,6 +48,13 @@ def score_once(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(config.model)
     model = build_model(config).eval()
     examples = {t.name: load_split(t, "test", config.data.root, 0).examples[: args.n] for t in config.tasks}
+    tokens = [0]
+
+    def count(_module: object, _args: tuple, kwargs: dict) -> None:  # every forward, generation steps included
+        ids = kwargs.get("input_ids")
+        tokens[0] += ids.numel() if ids is not None else 0
+
+    model.backbone.register_forward_pre_hook(count, with_kwargs=True)
     start = time.perf_counter()
     results = evaluate(model, tokenizer, config.tasks, examples, model.is_encoder_decoder, args.batch_size, None)
     seconds = time.perf_counter() - start
@@ -60,7 +68,7 @@ def score_once(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local Hugging Face causal LM directory")
-    parser.add_argument("--against", required=True, help="the earlier git revision")
+    parser.add_argument("--against", help="the earlier git revision (required)")
     parser.add_argument("--config", default="configs/demo.yaml", help="where the tasks come from")
     parser.add_argument("-n", type=int, default=50, help="test examples per task")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -71,6 +79,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(score_once(args)))
         return
+    if not args.against:
+        parser.error("--against REVISION is required")
     case = ["--model", args.model, "--config", args.config, "-n", str(args.n), "--batch-size", str(args.batch_size)]
     with tempfile.TemporaryDirectory() as earlier:
         archive = subprocess.run(
@@ -95,11 +105,11 @@ def main() -> None:
     threads = runs["this checkout"][0]["threads"]
     print(f"{platform.processor() or platform.machine()}, {threads} threads; {args.n} test examples per task of")
     print(f"{args.config}, batch {args.batch_size}, median of {args.reps}")
-    print(f"{'revision':<16}{'seconds':>30}{'median':>9}")
+    print(f"{'revision':<16}{'seconds':>30}{'median':>9}{'tokens through the model':>26}")
     for name in sources:
         seconds = [r["seconds"] for r in runs[name]]
         shown = " ".join(f"{value:.1f}" for value in seconds)
-        print(f"{name:<16}{shown:>30}{statistics.median(seconds):>9.1f}")
+        print(f"{name:<16}{shown:>30}{statistics.median(seconds):>9.1f}{runs[name][0]['tokens']:>26,}")
     print(f"ratio {before / after:.2f}x; largest task-score difference {difference:.3g} points")
     for task in scores[0]:
         print(f"  {task:<20}{scores[0][task]:>8.2f}{scores[1][task]:>8.2f}")
