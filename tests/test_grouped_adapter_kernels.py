@@ -96,7 +96,9 @@ def test_the_cpp_kernel_takes_experts_that_change_the_width(monkeypatch, d_out, 
     tensors, act = make_inputs(**case, dtype=torch.float64)
     assert_matches_oracle("cpu", tensors, act, rtol=1e-10, atol=1e-10)
     tensors, act = make_inputs(**case, dtype=torch.float32)
-    assert_matches_oracle("cpu", tensors, act, rtol=1e-5, atol=1e-4)
+    # a weight gradient sums ~1,250 fp32 products in an order set by the thread chunks: n·eps ≈ 7.5e-5 relative
+    # at worst (1e-5 failed once by 2.5e-4 on a gradient of ~10), as in the fp32 test below
+    assert_matches_oracle("cpu", tensors, act, rtol=1e-4, atol=1e-4)
     small, act = make_inputs(**dict(case, n=7), dtype=torch.float64)
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in small]
     assert torch.autograd.gradcheck(lambda *a: grouped_adapter(*a, act), tuple(leaves), eps=1e-6, atol=1e-6)
