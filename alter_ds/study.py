@@ -233,11 +233,7 @@ class Study:
 
     def record(self, run: Run) -> dict[str, Any] | None:
         """The run's scores, if it has them for the evaluation the study asks for now."""
-        path = run.run_dir / "eval" / STUDY_EVAL_FILE
-        if not path.is_file():
-            return None
-        record: dict[str, Any] = json.loads(path.read_text())
-        return record if record.get("scored_as") == self.scored_as(run) else None
+        return _scores_if_current(run.run_dir / "eval" / STUDY_EVAL_FILE, self.scored_as(run))
 
     def _finished(self, run: Run) -> bool:
         if self.record(run) is None:
@@ -319,11 +315,7 @@ class Study:
 
     def backbone_record(self) -> dict[str, Any] | None:
         """The backbone's scores, if they are for the evaluation the study asks for now."""
-        path = self.root / "backbone_eval.json"
-        if not path.is_file():
-            return None
-        record: dict[str, Any] = json.loads(path.read_text())
-        return record if record.get("scored_as") == self.backbone_scored_as() else None
+        return _scores_if_current(self.root / "backbone_eval.json", self.backbone_scored_as())
 
     def _evaluate_backbone(self, log: Any) -> None:
         out = self.root / "backbone_eval.json"
@@ -365,6 +357,14 @@ class Study:
         return {"tasks": results, "routing": routing}
 
 
+def _scores_if_current(path: Path, scored_as: dict[str, Any]) -> dict[str, Any] | None:
+    """The scores saved at ``path``, or None when there are none or they were made under other settings."""
+    if not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record if record.get("scored_as") == scored_as else None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
@@ -402,9 +402,11 @@ def collect(study: Study) -> dict[str, Any]:
     settings = study.config.eval
     arms: dict[str, Any] = {}
     tasks: dict[str, Any] = {}
+    missing: list[str] = []
     for run in study.runs:
         record = study.record(run)
         if record is None:
+            missing.append(run.name)
             continue
         arm = arms.setdefault(run.arm, {"seeds": {}, "stages": []})
         arm["seeds"][str(run.seed)] = record
@@ -452,7 +454,7 @@ def collect(study: Study) -> dict[str, Any]:
         "arg_excluded_tasks": excluded,
         "backbone": {t: r["score"] for t, r in backbone.items()} if backbone else None,
         "arms": arms,
-        "runs_missing": [run.name for run in study.runs if study.record(run) is None],
+        "runs_missing": missing,
     }
 
 
