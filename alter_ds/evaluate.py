@@ -8,7 +8,6 @@ each label text after the prompt (no free-form parsing); other tasks generate gr
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,7 +80,7 @@ def _shares_prompts(model: Any, seq2seq: bool) -> bool:
     backbone that takes ``position_ids`` (so a left-padded prompt sees the positions of a right-padded one)."""
     if not hasattr(model, "routed"):
         return False
-    return seq2seq or "position_ids" in inspect.signature(model.backbone.forward).parameters
+    return seq2seq or model.backbone_accepts("position_ids")
 
 
 @torch.no_grad()
@@ -173,9 +172,8 @@ def _decoder_label_scores(
     input_ids = pad_rows(prompts, pad, "left").to(device)
     attention = pad_rows([[1] * len(p) for p in prompts], 0, "left").to(device)
     positions = (attention.cumsum(1) - 1).clamp_min(0)
-    parameters = inspect.signature(model.backbone.forward).parameters
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the prompt's last logits only
-    cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.x / 4.x
+    last_only = {"logits_to_keep": 1} if model.backbone_accepts("logits_to_keep") else {}  # the prompt's last only
+    cache_key = "cache" if model.backbone_accepts("cache") else "past_key_values"  # transformers 5.x / 4.x
     groups: dict[int, list[int]] = {}
     for index, ids in enumerate(label_ids):
         groups.setdefault(len(ids), []).append(index)

@@ -36,7 +36,7 @@ from alter_ds.checkpoint import (
     save_checkpoint,
 )
 from alter_ds.config import ExperimentConfig, StageConfig, load_config, save_config
-from alter_ds.data.collate import MultiTaskCollator, token_losses
+from alter_ds.data.collate import MultiTaskCollator, target_logit_positions, token_losses
 from alter_ds.data.multitask import MultiTaskData, TrainBatches
 from alter_ds.data.tasks import Example, split_examples
 from alter_ds.errors import AlterDsError
@@ -196,7 +196,8 @@ def micro_batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch's training loss (mean over its target tokens) and ``[2, tasks]`` summed token loss and
     token count per task, for logging, both from one cross-entropy over the vocabulary: the backbone is not
-    given the labels, so it computes no loss of its own."""
+    given the labels, so it computes no loss of its own. A decoder-only backbone that can projects only the
+    positions that predict a target onto the vocabulary (``target_logit_positions``)."""
     inputs = dict(batch)
     labels = inputs.pop("labels")
     if seq2seq:
@@ -205,8 +206,12 @@ def micro_batch_loss(
             inputs["decoder_input_ids"] = prepare(labels=labels)
         else:  # the backbone shifts the labels itself (and computes a loss that goes unused)
             inputs["labels"] = labels
+    positions = None
+    if not seq2seq and model.backbone_accepts("logits_to_keep"):
+        positions = target_logit_positions(labels)
+        inputs["logits_to_keep"] = positions
     output = engine(**inputs)
-    losses, mask = token_losses(output.logits, labels, seq2seq)
+    losses, mask = token_losses(output.logits, labels, seq2seq, positions)
     example_loss = (losses * mask).sum(1)
     example_tokens = mask.sum(1)
     sums = torch.zeros(2, num_tasks, device=losses.device)

@@ -151,3 +151,52 @@ def test_a_gate_router_pools_each_example_even_where_the_ffn_sees_flattened_toke
     for i in range(4):
         alone = model(**{k: v[i : i + 1] for k, v in inputs.items()}, task_ids=task_ids[i : i + 1]).logits
         torch.testing.assert_close(batch[i : i + 1], alone, **TOL)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt2", "llama"])
+def test_training_loss_from_the_target_positions_equals_the_full_logits(family, monkeypatch):
+    """The trainer projects onto the vocabulary only the positions that predict a target (``logits_to_keep``):
+    on a right-padded mixed batch whose targets start and end at different places, the loss, the per-task
+    sums and every gradient equal those of the full logits, and the projection really saw fewer positions."""
+    from tiny_models import tiny_backbone
+
+    from alter_ds.data.collate import IGNORE_INDEX, MultiTaskCollator, TokenizedExample
+    from alter_ds.train import micro_batch_loss
+
+    backbone = tiny_backbone(family) if family in ("gpt2", "llama") else tiny(family)
+    model = MTAModel(backbone, MTAConfig(num_shared_experts=1), TASKS, RouterConfig(kind="hard"))
+    perturb_experts(model, 0.3)
+    model.train()
+    assert model.backbone_accepts("logits_to_keep")
+    rows = [(9, 2), (4, 1), (6, 4), (3, 0)]  # (prompt tokens, target tokens): the last row has no target
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for task, (prompt, target) in enumerate(rows):
+        ids = torch.randint(3, VOCAB, (prompt + target,), generator=generator).tolist()
+        examples.append(TokenizedExample(task % 3, ids, [IGNORE_INDEX] * prompt + ids[prompt:], prompt))
+    batch = MultiTaskCollator(PAD, seq2seq=False)(examples)
+    projected: list[int] = []
+    hook = model.backbone.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: projected.append(args[0].shape[1])
+    )
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss, sums = micro_batch_loss(model, model, dict(batch), num_tasks=3, seq2seq=False)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), sums, grads
+
+    kept_loss, kept_sums, kept_grads = loss_and_gradients()
+    with monkeypatch.context() as patch:  # a backbone without logits_to_keep: the full logits
+        patch.setattr(model, "backbone_accepts", lambda argument: argument != "logits_to_keep")
+        full_loss, full_sums, full_grads = loss_and_gradients()
+    hook.remove()
+    length = batch["input_ids"].shape[1]
+    targets_at = {p + t - 1 for p, n in rows for t in range(n)}  # logits that predict the targets
+    assert projected == [len(targets_at), length] and len(targets_at) < length - 1
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(kept_sums, full_sums, rtol=1e-6, atol=1e-6)
+    assert kept_grads.keys() == full_grads.keys() and len(full_grads) > 10
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import inspect
 import os
 import typing
 from collections.abc import Iterator, Sequence
@@ -98,6 +99,15 @@ class MTAModel(nn.Module):
     @property
     def is_encoder_decoder(self) -> bool:
         return bool(getattr(self.backbone.config, "is_encoder_decoder", False))
+
+    def backbone_accepts(self, argument: str) -> bool:
+        """Whether the backbone's forward takes ``argument`` (``logits_to_keep``, ``cache``: each
+        architecture's forward has its own set, and they changed names across transformers releases)."""
+        accepted = self.__dict__.get("_backbone_arguments")
+        if accepted is None:
+            accepted = frozenset(inspect.signature(self.backbone.forward).parameters)
+            self.__dict__["_backbone_arguments"] = accepted
+        return argument in accepted
 
     def task_id(self, task: str | int) -> int:
         if isinstance(task, str):
