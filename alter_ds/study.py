@@ -106,6 +106,8 @@ class StudyConfig:
     #: processes per run (GPUs, or CPU ranks)
     ranks: int = 1
     output_dir: str = "studies"
+    #: a study file this one adds to (see ``load_study``); resolved when the study is loaded
+    extends: str | None = None
 
     def validate(self) -> None:
         names = [arm.name for arm in self.arms]
@@ -144,6 +146,42 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _study_data(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A study file's data with what it ``extends`` folded in (``load_study``)."""
+    if path.resolve() in seen:
+        raise StudyError(f"{path}: extends itself through {' -> '.join(str(p) for p in seen)}")
+    data = _read_yaml(path)
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str):
+        raise StudyError(f"{path}: extends: expected the path of a study file, got {parent_name!r}")
+    parent = _study_data(_find(parent_name, path), (*seen, path.resolve()))
+    arms = list(parent.get("arms") or [])
+    names = [arm.get("name") if isinstance(arm, dict) else None for arm in arms]
+    for arm in data.pop("arms", None) or []:
+        name = arm.get("name") if isinstance(arm, dict) else None
+        if name in names:  # the parent's arm, changed (say, more seeds)
+            arms[names.index(name)] = merge(arms[names.index(name)], arm, f"{path}: arm {name}")
+        else:
+            arms.append(arm)
+    return {**merge(parent, data, str(path)), "arms": arms}
+
+
+def load_study(path: Path) -> StudyConfig:
+    """A study file, validated. One that ``extends: OTHER.yaml`` is that study and more: it has the other's
+    settings unless it gives them, the name included (keep it: the two then share a directory, and what the
+    other finished is not run again), and the other's arms, in order, each merged with an arm of the same name
+    here (``seeds: [0, 1]`` gives it a second seed); arms with new names follow. Paths in either file resolve
+    as in ``_find``, relative to the file that extends."""
+    if "extends" not in _read_yaml(path):
+        return load_config(path, StudyConfig)  # errors name the line
+    try:
+        return config_from_dict(StudyConfig, _study_data(path), str(path))
+    except ConfigError as error:
+        raise StudyError(str(error)) from None
+
+
 @dataclass
 class Run:
     arm: str
@@ -158,7 +196,7 @@ class Study:
 
     def __init__(self, path: str | Path):
         self.file = Path(path)
-        self.config: StudyConfig = load_config(self.file, StudyConfig)
+        self.config: StudyConfig = load_study(self.file)
         self.root = Path(self.config.output_dir) / self.config.name
         base = expand_task_suite(_read_yaml(_find(self.config.base, self.file)))  # overrides name its tasks
         self.base = merge(base, self.config.base_overrides, "base_overrides")

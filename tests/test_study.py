@@ -279,3 +279,57 @@ def test_publish_replaces_only_the_marked_block_and_copies_the_figures(workspace
     (workspace / "other.md").write_text("no markers")
     with pytest.raises(StudyError, match="no study markers"):
         publish(study, workspace / "other.md")
+
+
+def test_a_study_that_extends_another_adds_arms_and_seeds_and_shares_its_runs(workspace):
+    parent = write_study(workspace)
+    child = workspace / "more.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "extends": parent.name,
+                "eval": {"batch_size": 4},
+                "arms": [
+                    {"name": "mta", "seeds": [0, 1]},
+                    {
+                        "name": "more-steps",
+                        "overrides": dict(SINGLE_ADAPTER, stages=[{**SINGLE_ADAPTER["stages"][0], "steps": 9}]),
+                    },
+                ],
+            }
+        )
+    )
+    base, more = Study(parent), Study(child)
+    assert more.root == base.root  # the same study directory: the parent's finished runs count as done
+    assert [run.name for run in more.runs] == ["single-adapter-seed0", "mta-seed0", "more-steps-seed0", "mta-seed1"]
+    for run in base.runs:  # the parent's runs are the same runs, with the same configs
+        assert more.experiments[(run.arm, run.seed)] == base.experiments[(run.arm, run.seed)]
+        assert run in more.runs
+    assert more.config.eval.batch_size == 4 and more.config.eval.max_examples == 6  # given here / the parent's
+    assert more.experiments[("more-steps", 0)].stages[0].steps == 9
+
+    child.write_text(yaml.safe_dump({"extends": parent.name, "arms": [{"name": "mta", "seeds": []}]}))
+    with pytest.raises(StudyError, match=r"more.yaml.*seeds: list at least one seed"):
+        Study(child)
+    child.write_text(yaml.safe_dump({"extends": "more.yaml"}))
+    with pytest.raises(StudyError, match=r"more\.yaml: extends itself"):
+        Study(child)
+    child.write_text(yaml.safe_dump({"extends": "missing.yaml"}))
+    with pytest.raises(StudyError, match=r"missing\.yaml not found"):
+        Study(child)
+
+
+#: the shipped study files (configs/study also holds task files for `alter-ds transfer`)
+SHIPPED_STUDIES = [
+    path
+    for path in sorted((REPO / "configs" / "study").glob("*.yaml"))
+    if {"arms", "extends"} & set(yaml.safe_load(path.read_text()))
+]
+
+
+@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.name)
+def test_every_shipped_study_loads(path, monkeypatch):
+    """The shipped studies compose every arm and seed (their files resolve from the repository root)."""
+    monkeypatch.chdir(REPO)
+    study = Study(path.relative_to(REPO))
+    assert study.runs and {run.arm for run in study.runs} == {arm.name for arm in study.config.arms}
