@@ -148,13 +148,15 @@ def test_skewed_routing_takes_the_unpadded_path_with_the_same_gradients(ids):
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("by_expert", [False, True], ids=["gathered", "by-expert"])
 @pytest.mark.parametrize(
     "activation, bias, d_out", [("relu", True, None), ("swiglu", False, None), ("identity", False, 3)]
 )
-def test_per_example_routes_through_batched_matmuls_equal_the_op(activation, bias, d_out):
+def test_per_example_routes_through_batched_matmuls_equal_the_op(activation, bias, d_out, by_expert):
     """Routes chosen per example (``expert_ids [B, k]``, as every task-level router gives) take
-    ``per_example_experts`` in the model: each example's experts gathered, two bmm's per slot. Against the loop
-    oracle on the routes broadcast to tokens: output and every gradient, float64, and a gradcheck."""
+    ``per_example_experts`` in the model: each example's experts gathered (two bmm's per slot), or each expert
+    over the rows that chose it. Against the loop oracle on the routes broadcast to tokens: output and every
+    gradient, float64, and a gradcheck."""
     from alter_ds.mta.block import per_example_experts
 
     batch, length, d = 5, 4, 6
@@ -164,7 +166,7 @@ def test_per_example_routes_through_batched_matmuls_equal_the_op(activation, bia
     expert_args = tensors[3:]
 
     def per_example(x, weights, *expert):
-        return per_example_experts(x, ids, weights, *expert, act)
+        return per_example_experts(x, ids, weights, *expert, act, by_expert=by_expert)
 
     def oracle(x, weights, *expert):
         tokens = x.reshape(-1, d)
@@ -196,3 +198,18 @@ def _fill(given, template):
     """The expert tensors in the op's order, with None where the template has no bias."""
     values = iter(given)
     return [next(values) if t is not None else None for t in template]
+
+
+def test_per_example_routes_pick_the_path_that_moves_less_memory():
+    """Small experts (an r = 16 adapter) are gathered per example; FFN copies over many rows (label scoring's
+    repeated prompts) run by expert, since gathering them copies a whole FFN per (row, slot)."""
+    from alter_ds.mta.block import _moves_less_by_expert
+
+    d, tokens = 576, 96
+    x = torch.zeros(256, tokens, d)
+    many_rows = torch.zeros(256, 1, dtype=torch.long)
+    adapter = (torch.zeros(9, d, 16), torch.zeros(9, 16, d))
+    ffn = (torch.zeros(9, d, 2 * 1536), torch.zeros(9, 1536, d))
+    assert not _moves_less_by_expert(x, many_rows, *adapter)
+    assert _moves_less_by_expert(x, many_rows, *ffn)
+    assert not _moves_less_by_expert(x[:2], many_rows[:2], *ffn)  # 2 rows, 9 experts: gathering 2 is less

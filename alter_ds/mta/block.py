@@ -138,11 +138,22 @@ def per_example_experts(
     w_up: torch.Tensor,
     b_up: torch.Tensor | None,
     activation: str,
+    by_expert: bool | None = None,
 ) -> torch.Tensor:
-    """The grouped op for routes chosen per example (``expert_ids [B, k]``): each example's k experts' weights
-    are gathered and applied to all its tokens with batched matmuls, as multi-LoRA servers do, instead of sorting
-    every token by expert. Same result (``tests/test_model.py`` compares it with the op); the stacked weights
-    still get dense gradients (zeros for experts no example used), which ZeRO-2 needs."""
+    """The grouped op for routes chosen per example (``expert_ids [B, k]``). Same result as the op
+    (``tests/test_grouped_adapter.py``); the stacked weights get dense gradients (zeros for experts no example
+    used), which ZeRO-2 needs.
+
+    Two ways, chosen by the memory each moves (``by_expert=None``; ``_moves_less_by_expert``): small experts
+    (adapters, LoRA) are gathered per example and applied to its tokens with batched matmuls, as multi-LoRA
+    servers do; large ones (FFN copies) run once per expert over the rows that chose it, since gathering them
+    copies a whole FFN per (row, slot) — a label-scoring forward of 256 rows through 9 FFN copies gathered
+    ~24 GB.
+    """
+    if by_expert is None:
+        by_expert = _moves_less_by_expert(inputs, expert_ids, w_down, w_up)
+    if by_expert:
+        return _experts_over_their_rows(inputs, expert_ids, expert_weights, w_down, b_down, w_up, b_up, activation)
     dtype = inputs.dtype
     out: torch.Tensor | None = None
     for slot in range(expert_ids.shape[1]):
@@ -156,6 +167,53 @@ def per_example_experts(
         term = hidden * expert_weights[:, slot, None, None].to(dtype)
         out = term if out is None else out + term
     assert out is not None, "a route has at least one slot"
+    return out
+
+
+def _moves_less_by_expert(
+    inputs: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
+) -> bool:
+    """Whether running each expert over its rows moves fewer elements than gathering each row's experts.
+
+    Gathering copies one expert's weights per (row, slot); by expert reads each expert's weights once but
+    copies each (row, slot)'s activations in and out.
+    """
+    rows, slots = expert_ids.shape
+    per_expert = w_down[0].numel() + w_up[0].numel()
+    activations = inputs.shape[1] * (w_down.shape[1] + w_up.shape[2])
+    return w_down.shape[0] * per_expert + rows * slots * activations < rows * slots * per_expert
+
+
+def _experts_over_their_rows(
+    inputs: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """``per_example_experts`` one expert at a time: its weight per row summed over the slots that chose it."""
+    dtype = inputs.dtype
+    weights = expert_weights.to(dtype)
+    out = inputs.new_zeros(*inputs.shape[:2], w_up.shape[2])
+    # one view per expert: unbind's backward stacks the experts' gradients once (zeros for the unchosen), where
+    # indexing the stack would allocate a whole stack-sized gradient per expert
+    downs, ups = w_down.unbind(0), w_up.unbind(0)
+    b_downs = b_down.unbind(0) if b_down is not None else None
+    b_ups = b_up.unbind(0) if b_up is not None else None
+    for expert in torch.unique(expert_ids).tolist():
+        chosen = expert_ids == expert  # [B, k]
+        rows = chosen.any(1).nonzero().squeeze(1)
+        weight = (weights * chosen).sum(1).index_select(0, rows)
+        hidden = inputs.index_select(0, rows) @ downs[expert].to(dtype)
+        if b_downs is not None:
+            hidden = hidden + b_downs[expert].to(dtype)
+        hidden = apply_activation(hidden, activation) @ ups[expert].to(dtype)
+        if b_ups is not None:
+            hidden = hidden + b_ups[expert].to(dtype)
+        out = out.index_add(0, rows, hidden * weight[:, None, None])
     return out
 
 
