@@ -61,6 +61,7 @@ def score_once(args: argparse.Namespace) -> dict:
     return {
         "seconds": seconds,
         "threads": torch.get_num_threads(),
+        "tokens": tokens[0],
         "scores": {t: r["score"] for t, r in results.items()},
     }
 
